@@ -1,0 +1,34 @@
+# PathChat — set-up and everyday commands. `make test` and `make demo` each work on a fresh clone.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JOB ?= demo_job
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+# torch and torchvision go first and pinned, so nothing later lets pip choose another (multi-GB) build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m pathchat.demo --out $(JOB)
+
+bench: install
+	$(PY) bench/bench_tiling.py
+
+lint: install
+	$(VENV)/bin/ruff check pathchat tests bench
+	$(VENV)/bin/mypy pathchat
+
+clean:
+	rm -rf $(JOB) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,222 @@
+"""Tile pixels for later layers: a torch Dataset of `(tile RGB uint8, level-0 coords)`.
+
+Each DataLoader worker opens its own slide handle (OpenSlide handles are not shared across
+processes). A batch of tiles that lie side by side on one grid row is read with one `read_region`
+call and cut, which saves OpenSlide's per-call compositing overhead; any strip that fails is re-read
+tile by tile so a corrupt tile is isolated, reported with its coordinates and skipped, and never
+poisons later reads (the slide layer reopens a handle after an error).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pathchat.wsi.errors import SlideError
+from pathchat.wsi.grid import TileGrid
+from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, Slide, open_slide
+
+#: Longest strip of adjacent tiles read in one call, in read-level pixels.
+MAX_STRIP_PX = 4096
+
+
+@dataclass
+class TileFailure:
+    """A tile that could not be read."""
+
+    index: int
+    l0_x: int
+    l0_y: int
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "l0_x": self.l0_x, "l0_y": self.l0_y, "error": self.error}
+
+
+class TileDataset(Dataset):
+    """Tiles of one slide at the grid's resolution.
+
+    Items are dicts: `tile` uint8 `[tile_px, tile_px, 3]` (zeros when unreadable), `l0_coords`
+    int64 `[2]`, `index` int, `error` str or None. Use `collate_tiles` to drop failed items.
+    """
+
+    def __init__(
+        self,
+        slide_path: str | os.PathLike[str],
+        l0_coords: np.ndarray,
+        read_level: int,
+        read_px: int,
+        tile_px: int,
+        l0_step_px: int | None = None,
+        max_read_pixels: int = DEFAULT_MAX_READ_PIXELS,
+        opener: Callable[..., Slide] = open_slide,
+    ):
+        self.slide_path = os.fspath(slide_path)
+        self.l0_coords = np.asarray(l0_coords, dtype=np.int64).reshape(-1, 2)
+        self.read_level, self.read_px, self.tile_px = read_level, read_px, tile_px
+        self.l0_step_px = l0_step_px
+        self.max_read_pixels = max_read_pixels
+        self.opener = opener
+        self._slide: Slide | None = None
+        self._downsample: float | None = None
+
+    @classmethod
+    def from_grid(cls, slide_path: str | os.PathLike[str], grid: TileGrid, **kwargs: Any) -> TileDataset:
+        return cls(slide_path, grid.l0_coords, grid.read_level, grid.read_px, grid.tile_px,
+                   l0_step_px=grid.l0_step_px, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.l0_coords)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_slide"] = None  # every worker process opens its own handle
+        return state
+
+    @property
+    def slide(self) -> Slide:
+        if self._slide is None:
+            self._slide = self.opener(self.slide_path, max_read_pixels=self.max_read_pixels)
+            self._downsample = float(self._slide.level_downsamples[self.read_level])
+        return self._slide
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def _item(self, index: int, tile: np.ndarray | None, error: str | None) -> dict[str, Any]:
+        if tile is None:
+            tile = np.zeros((self.tile_px, self.tile_px, 3), dtype=np.uint8)
+        return {"tile": tile, "l0_coords": self.l0_coords[index], "index": index, "error": error}
+
+    def _read_one(self, index: int) -> dict[str, Any]:
+        x, y = (int(v) for v in self.l0_coords[index])
+        try:
+            region = self.slide.read_region((x, y), self.read_level, (self.read_px, self.read_px))
+        except SlideError as e:
+            return self._item(index, None, e.cause)
+        if self.read_px != self.tile_px:
+            region = cv2.resize(region, (self.tile_px, self.tile_px), interpolation=cv2.INTER_AREA)
+        return self._item(index, region, None)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._read_one(int(index))
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Batched fetch used by DataLoader: adjacent tiles on a row are read as one strip."""
+        items: list[dict[str, Any]] = []
+        for run in self._strips([int(i) for i in indices]):
+            items.extend(self._read_strip(run) if len(run) > 1 else [self._read_one(run[0])])
+        return items
+
+    def _strip_offset(self) -> int | None:
+        """Read-level pixels between neighbouring tiles, when strips can be cut exactly."""
+        if self.l0_step_px is None or self.read_px != self.tile_px:
+            return None
+        _ = self.slide
+        step = self.l0_step_px / self._downsample  # type: ignore[operator]
+        return int(round(step)) if abs(step - round(step)) < 1e-6 and round(step) > 0 else None
+
+    def _strips(self, indices: list[int]) -> Iterator[list[int]]:
+        step_px = self._strip_offset()
+        if step_px is None:
+            yield from ([i] for i in indices)
+            return
+        max_tiles = max(1, (MAX_STRIP_PX - self.read_px) // step_px + 1)
+        run: list[int] = []
+        for i in indices:
+            if run:
+                px, py = self.l0_coords[run[-1]]
+                x, y = self.l0_coords[i]
+                if y == py and x - px == self.l0_step_px and len(run) < max_tiles:
+                    run.append(i)
+                    continue
+                yield run
+            run = [i]
+        if run:
+            yield run
+
+    def _read_strip(self, run: list[int]) -> list[dict[str, Any]]:
+        x0, y0 = (int(v) for v in self.l0_coords[run[0]])
+        step_px = self._strip_offset()
+        assert step_px is not None
+        width = step_px * (len(run) - 1) + self.read_px
+        try:
+            strip = self.slide.read_region((x0, y0), self.read_level, (width, self.read_px))
+        except SlideError:
+            return [self._read_one(i) for i in run]  # isolate the bad tile(s)
+        return [
+            self._item(i, np.ascontiguousarray(strip[:, k * step_px : k * step_px + self.read_px]), None)
+            for k, i in enumerate(run)
+        ]
+
+
+@dataclass
+class TileBatch:
+    """Readable tiles of a batch and the failures among it."""
+
+    tiles: torch.Tensor  # uint8 [b, tile_px, tile_px, 3]
+    l0_coords: torch.Tensor  # int64 [b, 2]
+    indices: torch.Tensor  # int64 [b], positions in the dataset
+    failed: list[TileFailure] = field(default_factory=list)
+
+
+def collate_tiles(items: list[dict[str, Any]]) -> TileBatch:
+    """DataLoader collate function that keeps good tiles and lists failed ones."""
+    good = [it for it in items if it["error"] is None]
+    failed = [
+        TileFailure(int(it["index"]), int(it["l0_coords"][0]), int(it["l0_coords"][1]), str(it["error"]))
+        for it in items
+        if it["error"] is not None
+    ]
+    if good:
+        tiles = torch.from_numpy(np.stack([it["tile"] for it in good]))
+        coords = torch.from_numpy(np.stack([it["l0_coords"] for it in good]).astype(np.int64))
+        indices = torch.tensor([it["index"] for it in good], dtype=torch.int64)
+    else:
+        tile_px = items[0]["tile"].shape[0] if items else 0
+        tiles = torch.zeros((0, tile_px, tile_px, 3), dtype=torch.uint8)
+        coords = torch.zeros((0, 2), dtype=torch.int64)
+        indices = torch.zeros(0, dtype=torch.int64)
+    return TileBatch(tiles, coords, indices, failed)
+
+
+def tile_loader(dataset: TileDataset, batch_size: int = 64, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over the dataset in grid order.
+
+    `workers` is the number of reading processes: 0 or 1 read in this process (a single worker
+    process would only add a copy), 2 and more use DataLoader worker processes.
+    """
+    num_workers = workers if workers >= 2 else 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_tiles,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+def iter_tiles(
+    dataset: TileDataset, batch_size: int = 64, workers: int = 0, failures: list[TileFailure] | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield `(tile RGB uint8 [h, w, 3], l0 coords int64 [2])` for every readable tile.
+
+    Unreadable tiles are skipped and appended to `failures` when given.
+    """
+    for batch in tile_loader(dataset, batch_size=batch_size, workers=workers):
+        if failures is not None:
+            failures.extend(batch.failed)
+        for tile, coords in zip(batch.tiles.numpy(), batch.l0_coords.numpy(), strict=True):
+            yield tile, coords

@@ -1,0 +1,113 @@
+"""`pathchat tile`: slides -> tissue mask -> tile grid, written in TRIDENT's job layout.
+
+For each slide, under `JOB/<mag>x_<tile>px_<overlap>px_overlap/`:
+`patches/<slide>.h5` (coordinates), `visualization/<slide>.png` (QC) and
+`contours_geojson/<slide>.geojson` (tissue outline for QuPath). The batch bookkeeping (manifest,
+failures, resume, one process per slide) is `pathchat.batch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide
+from pathchat.utils.atomic import atomic_write_text
+from pathchat.wsi.coords import write_coords_h5
+from pathchat.wsi.discovery import SlideSource, discover_slides
+from pathchat.wsi.grid import TilingParams, build_grid
+from pathchat.wsi.qc import write_qc_png
+from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, open_slide, resolve_mpp
+from pathchat.wsi.tissue import TissueParams, detect_tissue
+
+
+@dataclass(frozen=True)
+class TileJobConfig:
+    """Everything that decides a tiling; a change of any field makes a rerun redo the slides."""
+
+    tiling: TilingParams = field(default_factory=TilingParams)
+    tissue: TissueParams = field(default_factory=TissueParams)
+    slide_mpp: float | None = None  # level-0 µm/px for every slide, overriding the files
+    default_slide_mpp: float | None = None  # level-0 µm/px for slides whose files record none
+    max_read_pixels: int = DEFAULT_MAX_READ_PIXELS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TileJobConfig:
+        return cls(
+            tiling=TilingParams(**d["tiling"]),
+            tissue=TissueParams(**d["tissue"]),
+            slide_mpp=d.get("slide_mpp"),
+            default_slide_mpp=d.get("default_slide_mpp"),
+            max_read_pixels=d.get("max_read_pixels", DEFAULT_MAX_READ_PIXELS),
+        )
+
+
+def output_paths(job_dir: Path, slide_id: str, tiling: TilingParams) -> dict[str, Path]:
+    root = job_dir / tiling.folder_name
+    return {
+        "coords": root / "patches" / f"{slide_id}.h5",
+        "qc": root / "visualization" / f"{slide_id}.png",
+        "geojson": root / "contours_geojson" / f"{slide_id}.geojson",
+    }
+
+
+def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Tile one slide into the job folder. Runs inside the per-slide worker process."""
+    cfg = TileJobConfig.from_dict(params)
+    fingerprint = fingerprint_slide(source)
+    with open_slide(source.path, max_read_pixels=cfg.max_read_pixels) as slide:
+        resolution = resolve_mpp(slide, cfg.slide_mpp, cfg.default_slide_mpp)
+        tissue, thumbnail = detect_tissue(slide, resolution.mpp, cfg.tissue)
+        grid = build_grid(slide, resolution.mpp, tissue, cfg.tiling)
+        info = slide.info
+    paths = output_paths(job_dir, source.slide_id, cfg.tiling)
+    write_coords_h5(
+        paths["coords"], grid, source.slide_id, info, fingerprint, resolution.source,
+        extra_attrs={"tissue_params": cfg.tissue.to_dict(), "tissue_threshold": tissue.threshold},
+    )
+    write_qc_png(paths["qc"], thumbnail, tissue, grid)
+    atomic_write_text(paths["geojson"], json.dumps(tissue.to_geojson()) + "\n")
+    return {
+        "outputs": [str(p) for p in paths.values()],
+        "info": {
+            "n_tiles": len(grid),
+            "mpp": grid.mpp,
+            "l0_mpp": resolution.mpp,
+            "mpp_source": resolution.source,
+            "read_level": grid.read_level,
+            "tissue_area_mm2": round(tissue.tissue_area_um2 / 1e6, 4),
+            "slide": info.to_dict(),
+        },
+    }
+
+
+def tile_slides(
+    slides: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    config: TileJobConfig | None = None,
+    workers: int = 1,
+    timeout_s: float = 1800.0,
+    progress: bool = True,
+) -> BatchSummary:
+    """Tile every slide under `slides` (files or folders, searched recursively) into the job `out`.
+
+    Args:
+        slides: slide files, DICOM series folders, or folders to search.
+        out: job folder; reruns skip slides already done with the same settings.
+        config: tiling, tissue and resolution settings.
+        workers: slides processed at the same time, each in its own process.
+        timeout_s: a slide still running after this many seconds is killed and recorded as failed.
+    Returns:
+        The done / skipped / failed counts and the failure rows.
+    """
+    cfg = config or TileJobConfig()
+    sources = discover_slides(list(slides))
+    runner = BatchRunner(out, "tile", tile_one, cfg.to_dict(), workers=workers, timeout_s=timeout_s,
+                         progress=progress)
+    return runner.run(sources)
