@@ -33,20 +33,19 @@ class TileCoords:
 def write_coords_h5(path: str | os.PathLike[str], grid: TileGrid, name: str, slide_info: SlideInfo,
                     fingerprint: str, mpp_source: str, extra_attrs: dict[str, Any] | None = None) -> None:
     """Write the coordinates of `grid` atomically."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.create_dataset("coords", data=grid.l0_coords.astype(np.int64), dtype=np.int64)
-            f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
-            attrs = f["coords"].attrs
-            for key, value in grid.h5_attrs().items():
-                attrs[key] = value
-            attrs["name"] = name
-            attrs["fingerprint"] = fingerprint
-            attrs["mpp_source"] = mpp_source
-            attrs["slide_info"] = json.dumps(slide_info.to_dict(), sort_keys=True)
-            attrs["pathchat_version"] = pathchat.__version__
-            for key, value in (extra_attrs or {}).items():
-                attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value, sort_keys=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        f.create_dataset("coords", data=grid.l0_coords.astype(np.int64), dtype=np.int64)
+        f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+        attrs = f["coords"].attrs
+        for key, value in grid.h5_attrs().items():
+            attrs[key] = value
+        attrs["name"] = name
+        attrs["fingerprint"] = fingerprint
+        attrs["mpp_source"] = mpp_source
+        attrs["slide_info"] = json.dumps(slide_info.to_dict(), sort_keys=True)
+        attrs["pathchat_version"] = pathchat.__version__
+        for key, value in (extra_attrs or {}).items():
+            attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value, sort_keys=True)
 
 
 def read_coords_h5(path: str | os.PathLike[str]) -> TileCoords:

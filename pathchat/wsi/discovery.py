@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _dicom_series_uid(path: Path) -> str | None:
 
 def _vms_members(vms: Path) -> set[Path]:
     """Image files a Hamamatsu .vms/.vmu index references (they are parts, not slides)."""
-    members = set()
+    members: set[Path] = set()
     try:
         text = vms.read_text(errors="replace")
     except OSError:
@@ -56,14 +57,14 @@ def _vms_members(vms: Path) -> set[Path]:
 
 
 def _walk(root: Path) -> list[Path]:
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return files
 
 
-def discover_slides(inputs: list[str | os.PathLike[str]]) -> list[SlideSource]:
+def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSource]:
     """Slides under the given files and folders (folders searched recursively), in a stable order.
 
     Raises:
@@ -105,7 +106,7 @@ def discover_slides(inputs: list[str | os.PathLike[str]]) -> list[SlideSource]:
             singles.append((f, parts))
 
     found: list[tuple[Path, str, tuple[Path, ...]]] = [(f, f.stem, parts) for f, parts in singles]
-    per_folder = defaultdict(int)
+    per_folder: dict[Path, int] = defaultdict(int)
     for folder, _uid in series:
         per_folder[folder] += 1
     for (folder, _uid), members in series.items():

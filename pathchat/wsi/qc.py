@@ -16,7 +16,7 @@ def render_qc(thumbnail: np.ndarray, tissue: TissueMask, grid: TileGrid) -> np.n
     """RGB uint8 image the size of the thumbnail."""
     out = thumbnail.astype(np.float32)
     green = np.array([40, 200, 80], dtype=np.float32)
-    out[tissue.mask] = 0.75 * out[tissue.mask] + 0.25 * green
+    out[tissue.mask] = 0.85 * out[tissue.mask] + 0.15 * green
     out = out.astype(np.uint8)
     contours, _ = cv2.findContours(tissue.mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, (0, 150, 40), 1)

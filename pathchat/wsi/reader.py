@@ -1,10 +1,10 @@
 """Tile pixels for later layers: a torch Dataset of `(tile RGB uint8, level-0 coords)`.
 
 Each DataLoader worker opens its own slide handle (OpenSlide handles are not shared across
-processes). A batch of tiles that lie side by side on one grid row is read with one `read_region`
-call and cut, which saves OpenSlide's per-call compositing overhead; any strip that fails is re-read
-tile by tile so a corrupt tile is isolated, reported with its coordinates and skipped, and never
-poisons later reads (the slide layer reopens a handle after an error).
+processes). Tiles are read in grid (row-major) order, so consecutive reads hit the same source tiles
+and the slide layer's direct JPEG decoding serves tile-aligned grids without compositing. A corrupt
+tile is reported with its coordinates and skipped; it never poisons later reads (the slide layer
+reopens a handle after an error).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ from torch.utils.data import DataLoader, Dataset
 from pathchat.wsi.errors import SlideError
 from pathchat.wsi.grid import TileGrid
 from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, Slide, open_slide
-
-#: Longest strip of adjacent tiles read in one call, in read-level pixels.
-MAX_STRIP_PX = 4096
 
 
 @dataclass
@@ -54,23 +51,20 @@ class TileDataset(Dataset):
         read_level: int,
         read_px: int,
         tile_px: int,
-        l0_step_px: int | None = None,
         max_read_pixels: int = DEFAULT_MAX_READ_PIXELS,
         opener: Callable[..., Slide] = open_slide,
     ):
         self.slide_path = os.fspath(slide_path)
         self.l0_coords = np.asarray(l0_coords, dtype=np.int64).reshape(-1, 2)
         self.read_level, self.read_px, self.tile_px = read_level, read_px, tile_px
-        self.l0_step_px = l0_step_px
         self.max_read_pixels = max_read_pixels
         self.opener = opener
         self._slide: Slide | None = None
-        self._downsample: float | None = None
+        self._owner_pid = os.getpid()
 
     @classmethod
     def from_grid(cls, slide_path: str | os.PathLike[str], grid: TileGrid, **kwargs: Any) -> TileDataset:
-        return cls(slide_path, grid.l0_coords, grid.read_level, grid.read_px, grid.tile_px,
-                   l0_step_px=grid.l0_step_px, **kwargs)
+        return cls(slide_path, grid.l0_coords, grid.read_level, grid.read_px, grid.tile_px, **kwargs)
 
     def __len__(self) -> int:
         return len(self.l0_coords)
@@ -82,9 +76,11 @@ class TileDataset(Dataset):
 
     @property
     def slide(self) -> Slide:
-        if self._slide is None:
+        # A forked DataLoader worker inherits the parent's handle, whose file offset it would share:
+        # every process opens its own.
+        if self._slide is None or self._owner_pid != os.getpid():
             self._slide = self.opener(self.slide_path, max_read_pixels=self.max_read_pixels)
-            self._downsample = float(self._slide.level_downsamples[self.read_level])
+            self._owner_pid = os.getpid()
         return self._slide
 
     def close(self) -> None:
@@ -109,54 +105,6 @@ class TileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._read_one(int(index))
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        """Batched fetch used by DataLoader: adjacent tiles on a row are read as one strip."""
-        items: list[dict[str, Any]] = []
-        for run in self._strips([int(i) for i in indices]):
-            items.extend(self._read_strip(run) if len(run) > 1 else [self._read_one(run[0])])
-        return items
-
-    def _strip_offset(self) -> int | None:
-        """Read-level pixels between neighbouring tiles, when strips can be cut exactly."""
-        if self.l0_step_px is None or self.read_px != self.tile_px:
-            return None
-        _ = self.slide
-        step = self.l0_step_px / self._downsample  # type: ignore[operator]
-        return int(round(step)) if abs(step - round(step)) < 1e-6 and round(step) > 0 else None
-
-    def _strips(self, indices: list[int]) -> Iterator[list[int]]:
-        step_px = self._strip_offset()
-        if step_px is None:
-            yield from ([i] for i in indices)
-            return
-        max_tiles = max(1, (MAX_STRIP_PX - self.read_px) // step_px + 1)
-        run: list[int] = []
-        for i in indices:
-            if run:
-                px, py = self.l0_coords[run[-1]]
-                x, y = self.l0_coords[i]
-                if y == py and x - px == self.l0_step_px and len(run) < max_tiles:
-                    run.append(i)
-                    continue
-                yield run
-            run = [i]
-        if run:
-            yield run
-
-    def _read_strip(self, run: list[int]) -> list[dict[str, Any]]:
-        x0, y0 = (int(v) for v in self.l0_coords[run[0]])
-        step_px = self._strip_offset()
-        assert step_px is not None
-        width = step_px * (len(run) - 1) + self.read_px
-        try:
-            strip = self.slide.read_region((x0, y0), self.read_level, (width, self.read_px))
-        except SlideError:
-            return [self._read_one(i) for i in run]  # isolate the bad tile(s)
-        return [
-            self._item(i, np.ascontiguousarray(strip[:, k * step_px : k * step_px + self.read_px]), None)
-            for k, i in enumerate(run)
-        ]
 
 
 @dataclass
@@ -218,5 +166,4 @@ def iter_tiles(
     for batch in tile_loader(dataset, batch_size=batch_size, workers=workers):
         if failures is not None:
             failures.extend(batch.failed)
-        for tile, coords in zip(batch.tiles.numpy(), batch.l0_coords.numpy(), strict=True):
-            yield tile, coords
+        yield from zip(batch.tiles.numpy(), batch.l0_coords.numpy(), strict=True)

@@ -10,6 +10,7 @@ description text can carry patient identifiers, so they are never exposed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -27,6 +28,7 @@ from pathchat.wsi.errors import (
     SlideTooLargeError,
     UnsupportedFormatError,
 )
+from pathchat.wsi.tiff_direct import DirectDecodeError, DirectTiffLevels
 
 #: Largest region one read may allocate (pixels). 2**28 px is 1 GiB of RGBA.
 DEFAULT_MAX_READ_PIXELS = 1 << 28
@@ -186,7 +188,7 @@ class Slide(ABC):
                 out[oy : oy + oh, ox : ox + ow] = region
         return out, l0_w / out_w
 
-    def _locate_corrupt(self, level: int, box: tuple[int, int, int, int], cell: int = 512) -> list[tuple[int, ...]]:
+    def _locate_corrupt(self, level: int, box: tuple[int, int, int, int], cell: int = 512) -> list[tuple[int, int, int, int]]:
         """Level-0 (x, y, w, h) of the `cell`-px blocks of a level box that fail to decode."""
         ds = self.level_downsamples[level]
         bad = []
@@ -231,10 +233,19 @@ def _parse_float(value: str | None) -> float | None:
 
 
 class OpenSlideSlide(Slide):
-    """Any format OpenSlide reads: SVS, NDPI, VMS, MRXS, SCN, BIF, Philips/generic TIFF, DICOM."""
+    """Any format OpenSlide reads: SVS, NDPI, VMS, MRXS, SCN, BIF, Philips/generic TIFF, DICOM.
 
-    def __init__(self, path: str | os.PathLike[str], max_read_pixels: int = DEFAULT_MAX_READ_PIXELS):
+    JPEG-tiled TIFF-family levels (Aperio, generic TIFF) are decoded directly when `direct_decode`
+    is true and OpenSlide agrees pixel for pixel on a check tile (`pathchat.wsi.tiff_direct`);
+    everything else goes through OpenSlide's `read_region`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_read_pixels: int = DEFAULT_MAX_READ_PIXELS,
+                 direct_decode: bool = True):
         super().__init__(path, max_read_pixels)
+        self._direct_decode = direct_decode
+        self._direct: DirectTiffLevels | None = None
+        self._direct_checked = False
         self._open_target = _openslide_target(Path(self.path))
         self._osr = self._open()
         props = self._osr.properties
@@ -288,7 +299,33 @@ class OpenSlideSlide(Slide):
         """OpenSlide's content hash of the slide's pixel data (fingerprinting, not privacy-sensitive)."""
         return self._quickhash
 
+    def _direct_reader(self) -> DirectTiffLevels | None:
+        if not self._direct_checked:
+            self._direct_checked = True
+            if self._direct_decode:
+                self._direct = DirectTiffLevels.open(self._open_target, self._vendor, self.level_dimensions)
+                if self._direct is not None:
+                    self._direct.verify(self._read_openslide_level)
+        return self._direct
+
+    def _read_openslide_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self._level_downsamples[level]
+        return self._read_openslide((round(x * ds), round(y * ds)), level, (w, h))
+
     def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        direct = self._direct_reader()
+        if direct is not None and level in direct.levels:
+            ds = self._level_downsamples[level]
+            if ds == int(ds) and l0_xy[0] % int(ds) == 0 and l0_xy[1] % int(ds) == 0:
+                try:
+                    return direct.read(level, l0_xy[0] // int(ds), l0_xy[1] // int(ds), size[0], size[1])
+                except DirectDecodeError as e:
+                    raise CorruptSlideError(
+                        self.path, f"cannot decode level {level} region at l0 {l0_xy} size {size[0]}x{size[1]}: {e}"
+                    ) from e
+        return self._read_openslide(l0_xy, level, size)
+
+    def _read_openslide(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
 
         if self._osr is None:  # a previous read failed: the old handle is poisoned
@@ -306,14 +343,17 @@ class OpenSlideSlide(Slide):
         import openslide
 
         if self._osr is not None:
-            try:
+            # closing a handle in an error state may raise again; it is discarded anyway
+            with contextlib.suppress(openslide.OpenSlideError):
                 self._osr.close()
-            except openslide.OpenSlideError:
-                pass  # closing a handle in an error state may raise again; it is discarded anyway
         self._osr = None
 
     def close(self) -> None:
         self._discard_handle()
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+            self._direct_checked = False
 
 
 def _openslide_target(path: Path) -> str:
@@ -424,7 +464,8 @@ def open_plain_image(
     return InMemorySlide(rgba_to_rgb_on_white(rgb), mpp=mpp, path=os.fspath(path), vendor="image")
 
 
-def open_slide(path: str | os.PathLike[str], max_read_pixels: int = DEFAULT_MAX_READ_PIXELS) -> Slide:
+def open_slide(path: str | os.PathLike[str], max_read_pixels: int = DEFAULT_MAX_READ_PIXELS,
+               direct_decode: bool = True) -> Slide:
     """Open any supported slide: an OpenSlide file, a DICOM series folder, or a plain image.
 
     Raises:
@@ -437,7 +478,7 @@ def open_slide(path: str | os.PathLike[str], max_read_pixels: int = DEFAULT_MAX_
     if p.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
         return open_plain_image(p)
     try:
-        return OpenSlideSlide(p, max_read_pixels=max_read_pixels)
+        return OpenSlideSlide(p, max_read_pixels=max_read_pixels, direct_decode=direct_decode)
     except UnsupportedFormatError:
         # A single-level, stripped TIFF is an ordinary image that OpenSlide does not read.
         if p.suffix.lower() in {".tif", ".tiff"}:

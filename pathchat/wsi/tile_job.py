@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any]) -> dict
 
 
 def tile_slides(
-    slides: list[str | os.PathLike[str]],
+    slides: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     config: TileJobConfig | None = None,
     workers: int = 1,

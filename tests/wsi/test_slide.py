@@ -170,3 +170,23 @@ def test_objective_power_fallback_and_transparent_areas_are_white():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_mpp(InMemorySlide(rgb, mpp=0.3)).source == "metadata"  # no warning with real mpp
+
+
+def test_direct_jpeg_decoding_is_pixel_identical_to_openslide(tmp_path):
+    from pathchat.wsi.synthetic import SyntheticSlideSpec, TissueRegion, write_synthetic_slide
+
+    spec = SyntheticSlideSpec(1500, 1100, mpp=0.25, downsamples=(1, 2, 8),
+                              regions=(TissueRegion("tumor", 20, 20, 200, 150), TissueRegion("lymphocytes", 150, 100, 160, 150)))
+    path = write_synthetic_slide(tmp_path / "ycbcr.svs", spec)
+    direct = open_slide(path)
+    plain = open_slide(path, direct_decode=False)
+    regions = [((0, 0), 0, (256, 256)), ((300, 170), 0, (700, 333)), ((1400, 1000), 0, (256, 256)),
+               ((512, 256), 1, (256, 256)), ((2, 6), 1, (300, 200)), ((1456, 1088), 2, (40, 40))]
+    for l0_xy, level, size in regions:
+        np.testing.assert_array_equal(direct.read_region(l0_xy, level, size), plain.read_region(l0_xy, level, size))
+    assert direct._direct is not None and direct._direct.levels == {0, 1, 2}
+    assert plain._direct is None
+    # JPEG 2000 (the TCGA slide) stays with OpenSlide
+    with open_slide(TCGA) as s:
+        s.read_region((0, 0), 0, (8, 8))
+        assert s._direct is None

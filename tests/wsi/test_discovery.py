@@ -1,0 +1,45 @@
+"""Slide discovery: multi-file slides count once, ids are unique, sidecar files are ignored."""
+
+from __future__ import annotations
+
+import shutil
+
+from conftest import SLIDES
+
+from pathchat.wsi.discovery import discover_slides
+
+
+def test_shared_slides_folder_gives_thirteen_slides():
+    sources = discover_slides([SLIDES])
+    ids = sorted(s.slide_id for s in sources)
+    assert ids == sorted([
+        "CMU-1-Small-Region", "small", "tcga-cr-7395-01a-01-ts1", "generic-tiff__boxes", "boxes__boxes",
+        "camelyon", "wsi2dcm", "CMU-1-Small-Region.truncated-1000000", "CMU-1-Small-Region.zeroed-600000-700000",
+        "broken", "unopenable", "unreadable", "Mirax2-Fluorescence-1",
+    ])
+    by_id = {s.slide_id: s for s in sources}
+    assert len(by_id["boxes__boxes"].files) == 2  # the two-file DICOM series is one slide
+    assert len(by_id["Mirax2-Fluorescence-1"].files) == 6  # .mrxs + its 5 data-folder files
+    assert by_id["Mirax2-Fluorescence-1"].path.suffix == ".mrxs"
+
+
+def test_dicom_series_folder_given_directly_is_one_slide():
+    sources = discover_slides([SLIDES / "dicom" / "boxes"])
+    assert [s.slide_id for s in sources] == ["boxes"]
+    assert [f.name for f in sources[0].files] == ["boxes_0.dcm", "boxes_1.dcm"]
+
+
+def test_vms_parts_sidecars_and_duplicate_names(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "scan.vms").write_text("[Virtual Microscope Specimen]\nImageFile=scan.jpg\nMapFile=scan_map.jpg\n")
+    (tmp_path / "a" / "scan.jpg").write_bytes(b"x")
+    (tmp_path / "a" / "scan_map.jpg").write_bytes(b"x")
+    (tmp_path / "a" / "notes.txt").write_text("ignored")
+    (tmp_path / "a" / "scan.h5").write_bytes(b"ignored")
+    shutil.copy(SLIDES / "aperio" / "small.svs", tmp_path / "a" / "case.svs")
+    shutil.copy(SLIDES / "aperio" / "small.svs", tmp_path / "b" / "case.svs")
+    sources = discover_slides([tmp_path])
+    assert sorted(s.slide_id for s in sources) == ["a__case", "b__case", "scan"]
+    scan = next(s for s in sources if s.slide_id == "scan")
+    assert sorted(f.name for f in scan.files) == ["scan.jpg", "scan.vms", "scan_map.jpg"]
