@@ -1,23 +1,31 @@
-"""Batch jobs over many slides: isolation, resumability, manifest and failures.
+"""Batch jobs over many slides: isolation, resumability, scale-out, manifest and failures.
 
-Each slide runs in its own process with a timeout, so a slide that raises, hangs or crashes OpenSlide
-natively fails alone. `JOB/manifest.jsonl` is an append-only history (one row per slide and state);
-a slide is skipped on rerun only when its last `done` row has the same slide fingerprint and
-parameters and every output it lists still has the recorded sha256. `JOB/failures.jsonl` holds the
-slides that are failed now (rewritten atomically after each slide).
+Slides run in worker processes watched by this one: a slide that raises, hangs past the timeout or
+crashes natively fails alone, and its worker is replaced. `slides_per_worker=1` gives every slide a
+fresh process (tiling: nothing is worth keeping between slides); `None` keeps a worker, and the
+model it loaded in `setup`, until it dies (extraction).
+`JOB/manifest.jsonl` is an append-only history (one row per slide and state); a slide is skipped on
+rerun only when its last `done` row has the same slide fingerprint and parameters and every output
+it lists still has the recorded sha256. `JOB/failures.jsonl` holds the slides failed now.
+Several processes (or nodes on a shared file system, e.g. under `torchrun`) may run the same job
+at once: a lock file per slide makes each slide run exactly once, and a lock whose owner died or
+stopped refreshing it is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -36,8 +44,14 @@ _SAMPLE_BLOCKS = 16
 _SAMPLE_BYTES = 64 << 10
 _HEAD_TAIL_BYTES = 1 << 20
 
-#: The work function of a batch: (slide, job folder, parameters) -> {"outputs": [paths], "info": {...}}.
-WorkFn = Callable[[SlideSource, Path, dict[str, Any]], dict[str, Any]]
+#: The work of a batch: (slide, job folder, parameters, worker state) -> {"outputs": [paths], "info": {...}}.
+WorkFn = Callable[[SlideSource, Path, dict[str, Any], Any], dict[str, Any]]
+#: Runs once per worker process; its result is passed to every WorkFn call there (e.g. a loaded model).
+SetupFn = Callable[[dict[str, Any]], Any]
+
+
+class BatchSetupError(RuntimeError):
+    """A worker could not start (e.g. model weights missing): a tool error, not a slide failure."""
 
 
 def fingerprint_slide(source: SlideSource) -> str:
@@ -68,6 +82,20 @@ def params_key(verb: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in a `torchrun` / `accelerate launch` / `deepspeed` launch."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> DistributedContext:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
 @dataclass
 class BatchSummary:
     done: int = 0
@@ -84,55 +112,181 @@ class BatchSummary:
         return f"done {self.done} / skipped {self.skipped} / failed {self.failed}"
 
 
-def _child(fn: WorkFn, source: SlideSource, job_dir: Path, params: dict[str, Any], conn: Any) -> None:
-    """Runs in the per-slide process: do the work, send back a result or a typed error."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SlideLocks:
+    """One lock file per slide so concurrent processes never work on the same slide.
+
+    A lock is stale when its owner on this host is dead, or when nobody refreshed it for
+    `stale_after_s` (the owner's node died); a stale lock is moved aside atomically and retaken.
+    """
+
+    def __init__(self, folder: Path, stale_after_s: float = 600.0):
+        self.folder = folder
+        self.stale_after_s = stale_after_s
+        self.host = socket.gethostname()
+
+    def _path(self, slide_id: str) -> Path:
+        return self.folder / f"{slide_id}.lock"
+
+    def _is_stale(self, path: Path) -> bool:
         try:
-            result = fn(source, job_dir, params)
-            message: dict[str, Any] = {"ok": True, "result": result}
-        except SlideError as e:
-            message = {"ok": False, "error_type": e.kind, "message": str(e)}
-        except Exception as e:  # noqa: BLE001 - a batch records every failure and goes on
-            message = {
-                "ok": False,
-                "error_type": type(e).__name__,
-                "message": f"{source.path}: {e}",
-                "traceback": traceback.format_exc(limit=8),
-            }
-    message["warnings"] = sorted({str(w.message) for w in caught})
-    conn.send(message)
-    conn.close()
+            age = time.time() - path.stat().st_mtime
+            owner = json.loads(path.read_text() or "{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return True  # vanished, or torn while being written by a process that then died
+        if owner.get("host") == self.host and not _pid_alive(int(owner.get("pid", -1))):
+            return True
+        return age > self.stale_after_s
+
+    def acquire(self, slide_id: str) -> bool:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(slide_id)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._is_stale(path):
+                    return False
+                aside = path.with_name(f".{path.name}.stale-{os.getpid()}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, aside)  # only one taker wins the rename
+                    aside.unlink()
+                    log.warning("took over the stale lock of %s", slide_id)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": self.host, "pid": os.getpid(), "time": _now()}, f)
+            return True
+        return False
+
+    def refresh(self, slide_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._path(slide_id))
+
+    def release(self, slide_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(slide_id).unlink()
+
+
+class _ManifestTail:
+    """Reads an append-only JSONL file incrementally: each call returns only the rows added since."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def new_rows(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # a torn last line (a writer killed mid-append) waits for its newline
+        self.offset += end
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "slide_id" in row:
+                rows.append(row)
+        return rows
+
+
+def _worker(fn: WorkFn, setup: SetupFn | None, job_dir: Path, params: dict[str, Any], conn: Any) -> None:
+    """A worker process: set up once, then process the slides sent to it until told to stop."""
+    try:
+        state = setup(params) if setup is not None else None
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which stops the job with it
+        conn.send({"setup_error": f"{type(e).__name__}: {e}"})
+        return
+    while True:
+        try:
+            source = conn.recv()
+        except EOFError:
+            return  # the parent is gone
+        if source is None:
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                message: dict[str, Any] = {"ok": True, "result": fn(source, job_dir, params, state)}
+            except SlideError as e:
+                message = {"ok": False, "error_type": e.kind, "message": str(e)}
+            except Exception as e:  # noqa: BLE001 - a batch records every failure and goes on
+                message = {"ok": False, "error_type": type(e).__name__, "message": f"{source.path}: {e}",
+                           "traceback": traceback.format_exc(limit=8)}
+        message["warnings"] = sorted({str(w.message) for w in caught})
+        conn.send(message)
 
 
 @dataclass
-class _Running:
-    source: SlideSource
+class _Worker:
     process: Any
     conn: Any
-    started: float
-    fingerprint: str
+    source: SlideSource | None = None
+    fingerprint: str = ""
+    started: float = 0.0
+    slides: int = 0
+    last_refresh: float = 0.0
 
 
 class BatchRunner:
-    """Runs one verb over many slides into a job folder."""
+    """Runs one verb over many slides into a job folder.
+
+    Args:
+        job_dir: the job folder.
+        verb: the verb's name, recorded in the manifest.
+        fn: per-slide work, run in a worker process (must be importable: a module-level function).
+        params: JSON-safe parameters; a change makes every slide count as not done.
+        workers: worker processes of this runner.
+        timeout_s: a slide still running after this many seconds is killed and recorded as failed.
+        setup: runs once per worker process (load a model there, not per slide).
+        slides_per_worker: 1 for a fresh process per slide; None to keep a worker until it dies.
+        progress: show a progress bar.
+        distributed: rank information; ranks start at different places in the slide list.
+        runtime_params: passed to the workers beside `params` but not part of the resume key
+            (batch size, device: how to run, not what to compute).
+    """
 
     def __init__(self, job_dir: str | os.PathLike[str], verb: str, fn: WorkFn, params: dict[str, Any],
-                 workers: int = 1, timeout_s: float = 1800.0, progress: bool = True):
+                 workers: int = 1, timeout_s: float = 1800.0, setup: SetupFn | None = None,
+                 slides_per_worker: int | None = 1, progress: bool = True,
+                 distributed: DistributedContext | None = None, runtime_params: dict[str, Any] | None = None):
         self.job_dir = Path(job_dir)
-        self.verb, self.fn, self.params = verb, fn, params
+        self.verb, self.fn, self.params, self.setup = verb, fn, params, setup
+        self.worker_params = {**params, **(runtime_params or {})}
         self.workers, self.timeout_s, self.progress = max(1, workers), timeout_s, progress
+        self.slides_per_worker = slides_per_worker
+        self.dist = distributed or DistributedContext.from_env()
         self.key = params_key(verb, params)
         self.manifest_path = self.job_dir / "manifest.jsonl"
         self.failures_path = self.job_dir / "failures.jsonl"
+        self.locks = SlideLocks(self.job_dir / ".locks" / f"{verb}-{self.key}")
+        self._manifest = _ManifestTail(self.manifest_path)
+        self._done_rows: dict[str, dict[str, Any]] = {}
 
     # -- resume ---------------------------------------------------------------------------------
-    def _last_done(self) -> dict[str, dict[str, Any]]:
-        last: dict[str, dict[str, Any]] = {}
-        for row in read_jsonl(self.manifest_path):
+    def _last_done(self, slide_id: str) -> dict[str, Any] | None:
+        """The slide's latest `done` row for these parameters, including rows other processes just wrote."""
+        for row in self._manifest.new_rows():
             if row.get("verb") == self.verb and row.get("params_key") == self.key and row.get("state") == "done":
-                last[row["slide_id"]] = row
-        return last
+                self._done_rows[row["slide_id"]] = row
+        return self._done_rows.get(slide_id)
 
     def _is_complete(self, row: dict[str, Any] | None, fingerprint: str) -> bool:
         if row is None or row.get("fingerprint") != fingerprint:
@@ -145,130 +299,189 @@ class BatchRunner:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _record(self, source: SlideSource, state: str, fingerprint: str, **extra: Any) -> None:
-        row = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "verb": self.verb,
-            "slide_id": source.slide_id,
-            "path": str(source.path),
-            "state": state,
-            "fingerprint": fingerprint,
-            "params_key": self.key,
-            **extra,
-        }
+        row = {"time": _now(), "verb": self.verb, "slide_id": source.slide_id, "path": str(source.path),
+               "state": state, "fingerprint": fingerprint, "params_key": self.key, "rank": self.dist.rank, **extra}
         append_jsonl(self.manifest_path, row)
 
-    def _write_failures(self, failures: dict[str, dict[str, Any]]) -> None:
-        text = "".join(json.dumps(failures[k], sort_keys=True) + "\n" for k in sorted(failures))
-        atomic_write_text(self.failures_path, text)
+    @contextlib.contextmanager
+    def _failures_locked(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """Read-modify-write of failures.jsonl under a file lock (other processes may share the job)."""
+        with open(self.job_dir / ".failures.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            failures = {r["slide_id"]: r for r in read_jsonl(self.failures_path) if "slide_id" in r}
+            yield failures
+            text = "".join(json.dumps(failures[k], sort_keys=True) + "\n" for k in sorted(failures))
+            atomic_write_text(self.failures_path, text)
+
+    def _clear_failure(self, slide_id: str) -> None:
+        with self._failures_locked() as failures:
+            failures.pop(slide_id, None)
+
+    # -- workers --------------------------------------------------------------------------------
+    def _start_worker(self, ctx: Any) -> _Worker:
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        # not daemonic: a worker may start DataLoader processes of its own
+        proc = ctx.Process(target=_worker, args=(self.fn, self.setup, self.job_dir, self.worker_params, child_conn),
+                           name=f"pathchat-{self.verb}-worker")
+        proc.start()
+        child_conn.close()
+        return _Worker(proc, parent_conn)
+
+    @staticmethod
+    def _stop_worker(w: _Worker, kill: bool = False) -> None:
+        if kill:
+            w.process.kill()
+        else:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                w.conn.send(None)
+        w.process.join(timeout=None if kill else 10)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join()
+        w.conn.close()
+
+    def _ordered(self, sources: list[SlideSource]) -> list[SlideSource]:
+        """Each rank starts at its own share of the list, so ranks rarely contend for a slide."""
+        if self.dist.world_size <= 1 or not sources:
+            return list(sources)
+        start = self.dist.rank * len(sources) // self.dist.world_size
+        return sources[start:] + sources[:start]
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self, sources: list[SlideSource]) -> BatchSummary:
-        """Process every slide; returns the counts. Warnings print above the progress bar."""
+        """Process every slide; returns this process's counts. Warnings print above the progress bar.
+
+        Raises:
+            BatchSetupError: a worker could not start; nothing more is attempted.
+        """
         with logging_redirect_tqdm():
-            return self._run(sources)
+            return self._run(self._ordered(sources))
 
     def _run(self, sources: list[SlideSource]) -> BatchSummary:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale_temps(self.job_dir)
-        failures = {row["slide_id"]: row for row in read_jsonl(self.failures_path) if "slide_id" in row}
-        self._write_failures(failures)  # always present, so scripts can read it after any run
-        last_done = self._last_done()
+        with self._failures_locked():
+            pass  # creates failures.jsonl, so scripts can always read it
         summary = BatchSummary()
-        # forkserver: each slide gets a fresh process forked from a small, thread-free server (plain fork
-        # from a process holding threads can deadlock). Preloading also hands the server our sys.path.
+        # forkserver: workers fork from a small, thread-free server (a plain fork of a process that
+        # holds threads can deadlock). Preloading also hands the server this process's sys.path.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(sorted({"pathchat.batch", self.fn.__module__}))
         pending = list(sources)
-        running: list[_Running] = []
-        bar = tqdm(total=len(sources), desc=f"pathchat {self.verb}", unit="slide", disable=not self.progress)
+        idle: list[_Worker] = []
+        busy: list[_Worker] = []
+        bar = tqdm(total=len(sources), desc=f"pathchat {self.verb}", unit="slide",
+                   disable=not self.progress or self.dist.rank != 0)
 
-        def finish(source: SlideSource, state: str) -> None:
+        def count(state: str) -> None:
             setattr(summary, state, getattr(summary, state) + 1)
             bar.update(1)
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
 
-        def fail(item: _Running | SlideSource, fingerprint: str, error_type: str, message: str, **extra: Any) -> None:
-            source = item.source if isinstance(item, _Running) else item
+        def fail(source: SlideSource, fingerprint: str, error_type: str, message: str, **extra: Any) -> None:
             self._record(source, "failed", fingerprint, error={"type": error_type, "message": message}, **extra)
             row = {"slide_id": source.slide_id, "path": str(source.path), "verb": self.verb,
-                   "error_type": error_type, "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            failures[source.slide_id] = row
+                   "error_type": error_type, "message": message, "time": _now()}
+            with self._failures_locked() as failures:
+                failures[source.slide_id] = row
             summary.failures.append(row)
-            self._write_failures(failures)
             log.warning("failed %s: %s", source.slide_id, message)
-            finish(source, "failed")
+            count("failed")
+
+        def claim(source: SlideSource) -> str | None:
+            """Fingerprint of a slide this process should work on now, or None (done/failed/elsewhere)."""
+            try:
+                fingerprint = fingerprint_slide(source)
+            except OSError as e:
+                fail(source, "", "unreadable_file", f"{source.path}: cannot read: {e}")
+                return None
+            if self._is_complete(self._last_done(source.slide_id), fingerprint):
+                self._record(source, "skipped", fingerprint)
+                self._clear_failure(source.slide_id)
+                count("skipped")
+                return None
+            if not self.locks.acquire(source.slide_id):
+                log.info("%s is being processed by another worker", source.slide_id)
+                count("skipped")
+                return None
+            # another process may have finished it between our check and our lock
+            if self._is_complete(self._last_done(source.slide_id), fingerprint):
+                self.locks.release(source.slide_id)
+                count("skipped")
+                return None
+            return fingerprint
 
         try:
-            while pending or running:
-                while pending and len(running) < self.workers:
+            while pending or busy:
+                while pending and len(busy) < self.workers:
                     source = pending.pop(0)
-                    try:
-                        fingerprint = fingerprint_slide(source)
-                    except OSError as e:
-                        fail(source, "", "unreadable_file", f"{source.path}: cannot read: {e}")
+                    fingerprint = claim(source)
+                    if fingerprint is None:
                         continue
-                    if self._is_complete(last_done.get(source.slide_id), fingerprint):
-                        self._record(source, "skipped", fingerprint)
-                        if failures.pop(source.slide_id, None) is not None:
-                            self._write_failures(failures)
-                        finish(source, "skipped")
-                        continue
+                    w = idle.pop() if idle else self._start_worker(ctx)
                     self._record(source, "started", fingerprint)
-                    parent_conn, child_conn = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_child, args=(self.fn, source, self.job_dir, self.params, child_conn),
-                                       daemon=True, name=f"pathchat-{self.verb}-{source.slide_id}")
-                    proc.start()
-                    child_conn.close()
-                    running.append(_Running(source, proc, parent_conn, time.monotonic(), fingerprint))
-                if not running:
+                    w.source, w.fingerprint, w.started, w.last_refresh = source, fingerprint, time.monotonic(), time.time()
+                    w.conn.send(source)
+                    busy.append(w)
+                if not busy:
                     continue
-                timeout = max(0.0, min(r.started + self.timeout_s for r in running) - time.monotonic())
-                wait([r.process.sentinel for r in running] + [r.conn for r in running], timeout=timeout)
-                for r in list(running):
-                    elapsed = time.monotonic() - r.started
+                timeout = max(0.0, min(w.started + self.timeout_s for w in busy) - time.monotonic())
+                wait([w.process.sentinel for w in busy] + [w.conn for w in busy], timeout=min(timeout, 30.0))
+                for w in list(busy):
+                    assert w.source is not None
+                    if time.time() - w.last_refresh > 30:
+                        self.locks.refresh(w.source.slide_id)
+                        w.last_refresh = time.time()
                     message = None
-                    if r.conn.poll():
-                        try:
-                            message = r.conn.recv()
-                        except EOFError:
-                            message = None
-                    if message is None and r.process.is_alive():
-                        if elapsed < self.timeout_s:
-                            continue
-                        r.process.kill()
-                        r.process.join()
-                        running.remove(r)
-                        fail(r, r.fingerprint, "timeout", f"{r.source.path}: no result after {self.timeout_s:g} s; killed")
+                    if w.conn.poll():
+                        with contextlib.suppress(EOFError, ConnectionResetError):
+                            message = w.conn.recv()
+                    elapsed = time.monotonic() - w.started
+                    if message is None and w.process.is_alive() and elapsed < self.timeout_s:
                         continue
-                    r.process.join()
-                    running.remove(r)
+                    busy.remove(w)
+                    source, fingerprint = w.source, w.fingerprint
+                    if message is not None and "setup_error" in message:
+                        self.locks.release(source.slide_id)
+                        self._stop_worker(w, kill=True)
+                        raise BatchSetupError(f"pathchat {self.verb}: workers cannot start: {message['setup_error']}")
                     if message is None:
-                        code = r.process.exitcode
-                        why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                        fail(r, r.fingerprint, "crashed", f"{r.source.path}: the worker process died ({why})")
-                    elif message["ok"]:
-                        self._finish_done(r, message, elapsed, failures)
-                        finish(r.source, "done")
+                        alive = w.process.is_alive()
+                        self._stop_worker(w, kill=True)
+                        if alive:
+                            fail(source, fingerprint, "timeout", f"{source.path}: no result after {self.timeout_s:g} s; killed")
+                        else:
+                            code = w.process.exitcode
+                            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                            fail(source, fingerprint, "crashed", f"{source.path}: the worker process died ({why})")
                     else:
-                        fail(r, r.fingerprint, message["error_type"], message["message"],
-                             warnings=message.get("warnings", []))
+                        w.slides += 1
+                        if message["ok"]:
+                            self._finish_done(source, fingerprint, message, elapsed)
+                            count("done")
+                        else:
+                            fail(source, fingerprint, message["error_type"], message["message"],
+                                 warnings=message.get("warnings", []))
+                        if self.slides_per_worker is not None and w.slides >= self.slides_per_worker:
+                            self._stop_worker(w)
+                        else:
+                            idle.append(w)
+                    self.locks.release(source.slide_id)
         finally:
-            for r in running:  # interrupted: leave no orphan workers
-                r.process.kill()
-                r.process.join()
+            for w in busy:  # interrupted: leave no orphan workers or locks
+                self._stop_worker(w, kill=True)
+                if w.source is not None:
+                    self.locks.release(w.source.slide_id)
+            for w in idle:
+                self._stop_worker(w)
             bar.close()
         return summary
 
-    def _finish_done(self, r: _Running, message: dict[str, Any], elapsed: float,
-                     failures: dict[str, dict[str, Any]]) -> None:
+    def _finish_done(self, source: SlideSource, fingerprint: str, message: dict[str, Any], elapsed: float) -> None:
         result = message["result"]
-        outputs = {}
-        for path in result.get("outputs", []):
-            p = Path(path)
-            outputs[str(p.relative_to(self.job_dir))] = sha256_file(p)
+        outputs = {str(Path(p).relative_to(self.job_dir)): sha256_file(p) for p in result.get("outputs", [])}
         for w in message.get("warnings", []):
-            log.warning("%s: %s", r.source.slide_id, w)
-        self._record(r.source, "done", r.fingerprint, outputs=outputs, info=result.get("info", {}),
+            log.warning("%s: %s", source.slide_id, w)
+        self._record(source, "done", fingerprint, outputs=outputs, info=result.get("info", {}),
                      warnings=message.get("warnings", []), elapsed_s=round(elapsed, 3))
-        if failures.pop(r.source.slide_id, None) is not None:
-            self._write_failures(failures)
+        self._clear_failure(source.slide_id)

@@ -32,6 +32,8 @@ from pathchat.wsi.tiff_direct import DirectDecodeError, DirectTiffLevels
 
 #: Largest region one read may allocate (pixels). 2**28 px is 1 GiB of RGBA.
 DEFAULT_MAX_READ_PIXELS = 1 << 28
+#: Slides claiming more level-0 pixels than this (1M x 1M) are refused as corrupt or hostile.
+DEFAULT_MAX_SLIDE_PIXELS = 1 << 40
 #: Plain images (PNG/JPEG) are decoded whole; refuse anything larger than this.
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 30
 #: Thumbnails are assembled from chunks of at most this many level pixels per side.
@@ -250,6 +252,10 @@ class OpenSlideSlide(Slide):
         self._osr = self._open()
         props = self._osr.properties
         self._level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+        l0_w, l0_h = self._level_dimensions[0]
+        if l0_w * l0_h > DEFAULT_MAX_SLIDE_PIXELS:
+            self._discard_handle()
+            raise SlideTooLargeError(self.path, f"level 0 claims {l0_w}x{l0_h} px, more than any real slide")
         self._level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         mpp_x = _parse_float(props.get("openslide.mpp-x"))
         mpp_y = _parse_float(props.get("openslide.mpp-y"))

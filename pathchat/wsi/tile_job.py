@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide
+from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.utils.atomic import atomic_write_text
 from pathchat.wsi.coords import write_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
@@ -58,7 +58,7 @@ def output_paths(job_dir: Path, slide_id: str, tiling: TilingParams) -> dict[str
     }
 
 
-def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: Any = None) -> dict[str, Any]:
     """Tile one slide into the job folder. Runs inside the per-slide worker process."""
     cfg = TileJobConfig.from_dict(params)
     fingerprint = fingerprint_slide(source)
@@ -70,7 +70,8 @@ def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any]) -> dict
     paths = output_paths(job_dir, source.slide_id, cfg.tiling)
     write_coords_h5(
         paths["coords"], grid, source.slide_id, info, fingerprint, resolution.source,
-        extra_attrs={"tissue_params": cfg.tissue.to_dict(), "tissue_threshold": tissue.threshold},
+        extra_attrs={"tissue_params": cfg.tissue.to_dict(), "tissue_threshold": tissue.threshold,
+                     "tiling_key": params_key("tile", cfg.to_dict())},
     )
     write_qc_png(paths["qc"], thumbnail, tissue, grid)
     atomic_write_text(paths["geojson"], json.dumps(tissue.to_geojson()) + "\n")

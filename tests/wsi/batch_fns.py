@@ -12,7 +12,7 @@ from pathchat.utils.atomic import atomic_write_text
 from pathchat.wsi.discovery import SlideSource
 
 
-def misbehave(source: SlideSource, job_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+def misbehave(source: SlideSource, job_dir: Path, params: dict[str, Any], state: Any = None) -> dict[str, Any]:
     """Hang, crash natively or raise depending on the slide name; otherwise write one output."""
     if "hang" in source.slide_id:
         time.sleep(600)

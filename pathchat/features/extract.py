@@ -1,0 +1,219 @@
+"""`pathchat extract`: tiles -> frozen encoder -> one features h5 per slide and encoder.
+
+Each worker process loads the encoder once (`setup`) and keeps it for every slide it is given; the
+batch layer replaces a worker that crashes or hangs. Inside a worker, DataLoader processes decode
+tiles while the encoder runs, so decoding and encoding overlap. Coordinates come from an earlier
+`pathchat tile` of the same job when they match the slide and the tiling settings; otherwise the
+slide is tiled first. Corrupt tiles are skipped and recorded (`failed_coords` in the features file).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
+from pathchat.features.encoders import LoadedEncoder, get_encoder_spec, load_encoder, load_weights_map
+from pathchat.features.store import FeatureBag, features_path, write_features_h5
+from pathchat.wsi.coords import read_coords_h5
+from pathchat.wsi.discovery import SlideSource, discover_slides
+from pathchat.wsi.grid import TilingParams
+from pathchat.wsi.reader import TileDataset, TileFailure, tile_loader
+from pathchat.wsi.tile_job import TileJobConfig, output_paths, tile_one
+
+
+@dataclass(frozen=True)
+class ExtractJobConfig:
+    """Everything that decides a slide's features; a change of any field makes a rerun redo it."""
+
+    encoder: str = "random-vit-tiny"  # registry name, or hf:<repo> / timm:<name>
+    weights: str | None = None  # local weights file or snapshot folder for the encoder
+    weights_map: str | None = None  # YAML {encoder name: local weights path}; default $PATHCHAT_ENCODER_WEIGHTS
+    pretrained: bool = True  # False builds the encoder with random weights (tests, dry runs)
+    tile: TileJobConfig = field(default_factory=TileJobConfig)
+    extra_magnification: float | None = None  # a second, coarser magnification stored beside the first
+    feature_dtype: str = "float32"  # "float32" or "float16" on disk
+    encoder_identity: str = ""  # cheap identity of the weights (path, size, mtime), filled by `resolve`
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExtractJobConfig:
+        return cls(**{**d, "tile": TileJobConfig.from_dict(d["tile"])})
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run, not what to compute: never part of the resume key."""
+
+    batch_size: int = 64
+    loader_workers: int = 2  # tile-decoding processes per extraction worker
+    device: str = "auto"  # "auto" = cuda:LOCAL_RANK when CUDA is available, else cpu
+
+
+def _file_identity(path: str | None) -> str:
+    if not path:
+        return ""
+    p = Path(path)
+    if not p.exists():
+        return f"{p}:missing"
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def resolve(cfg: ExtractJobConfig) -> ExtractJobConfig:
+    """Fill defaults that depend on the encoder (native tile size and magnification) and its identity.
+
+    Raises:
+        EncoderNotFoundError: unknown encoder name (a usage error).
+    """
+    spec = get_encoder_spec(cfg.encoder)
+    tiling = cfg.tile.tiling
+    if tiling.magnification is None and tiling.mpp is None:
+        tiling = replace(tiling, magnification=spec.magnification)
+    weights_map = load_weights_map(cfg.weights_map)
+    identity = "|".join([spec.name, str(spec.hub_id), str(cfg.pretrained), _file_identity(cfg.weights),
+                         _file_identity(weights_map.get(spec.name))])
+    return replace(cfg, tile=replace(cfg.tile, tiling=tiling), encoder_identity=identity)
+
+
+def _device(option: str) -> torch.device:
+    if option != "auto":
+        return torch.device(option)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+@dataclass
+class _WorkerState:
+    encoder: LoadedEncoder
+    runtime: RuntimeOptions
+
+
+def setup_worker(params: dict[str, Any]) -> _WorkerState:
+    """Runs once per worker process: load the encoder there."""
+    cfg = ExtractJobConfig.from_dict(params["config"])
+    runtime = RuntimeOptions(**params["runtime"])
+    device = _device(runtime.device)
+    if device.type == "cpu":  # leave cores to the decoding processes so both sides keep busy
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - max(1, runtime.loader_workers)))
+    weights_map = load_weights_map(cfg.weights_map)
+    encoder = load_encoder(cfg.encoder, device=device, weights=cfg.weights, weights_map=weights_map,
+                           pretrained=cfg.pretrained)
+    return _WorkerState(encoder, runtime)
+
+
+def _coords_for(source: SlideSource, job_dir: Path, tile_cfg: TileJobConfig, fingerprint: str) -> Path:
+    """The slide's coordinates at these settings, tiling it first when they are missing or stale."""
+    path = output_paths(job_dir, source.slide_id, tile_cfg.tiling)["coords"]
+    key = params_key("tile", tile_cfg.to_dict())
+    if path.is_file():
+        attrs = read_coords_h5(path).attrs
+        if attrs.get("fingerprint") == fingerprint and attrs.get("tiling_key") == key:
+            return path
+    tile_one(source, job_dir, tile_cfg.to_dict())
+    return path
+
+
+def encode_slide(source: SlideSource, coords_file: Path, encoder: LoadedEncoder,
+                 runtime: RuntimeOptions) -> tuple[np.ndarray, np.ndarray, list[TileFailure]]:
+    """Features of every readable tile listed in a coords file.
+
+    Returns:
+        (features float32 `[n, d]`, coords int64 `[n, 2]`, failed tiles).
+    """
+    tile_coords = read_coords_h5(coords_file)
+    attrs = tile_coords.attrs
+    dataset = TileDataset(source.path, tile_coords.l0_coords, int(attrs["read_level"]), int(attrs["read_px"]),
+                          int(attrs["patch_size"]))
+    features, coords, failed = [], [], []
+    loader = tile_loader(dataset, batch_size=runtime.batch_size, workers=runtime.loader_workers,
+                         pin_memory=encoder.device.type == "cuda")
+    for batch in loader:
+        failed.extend(batch.failed)
+        if len(batch.tiles):
+            features.append(encoder.encode(batch.tiles.to(encoder.device, non_blocking=True)).float().cpu())
+            coords.append(batch.l0_coords)
+    dim = encoder.spec.dim
+    feats = torch.cat(features).numpy() if features else np.zeros((0, dim), np.float32)
+    xy = torch.cat(coords).numpy() if coords else np.zeros((0, 2), np.int64)
+    return feats, xy, failed
+
+
+def extract_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: _WorkerState) -> dict[str, Any]:
+    """Tile (if needed) and encode one slide at each requested magnification. Runs in a worker."""
+    cfg = ExtractJobConfig.from_dict(params["config"])
+    fingerprint = fingerprint_slide(source)
+    encoder = state.encoder
+    outputs: list[str] = []
+    info: dict[str, Any] = {"encoder": encoder.spec.name, "dim": encoder.spec.dim}
+    magnifications = [None] + ([cfg.extra_magnification] if cfg.extra_magnification else [])
+    for mag in magnifications:
+        tiling = cfg.tile.tiling if mag is None else replace(cfg.tile.tiling, magnification=mag, mpp=None)
+        tile_cfg = replace(cfg.tile, tiling=tiling)
+        coords_file = _coords_for(source, job_dir, tile_cfg, fingerprint)
+        feats, xy, failed = encode_slide(source, coords_file, encoder, state.runtime)
+        tile_attrs = read_coords_h5(coords_file).attrs
+        bag = FeatureBag(
+            features=feats, coords=xy, slide_id=source.slide_id, encoder=encoder.spec.name,
+            mpp=float(tile_attrs["mpp"]), patch_size_level0=int(tile_attrs["patch_size_level0"]),
+            magnification=float(tile_attrs["target_magnification"]), source_format="pathchat", attrs={},
+        )
+        out = features_path(job_dir, tiling.folder_name, encoder.spec.name, source.slide_id)
+        extra = {k: v for k, v in tile_attrs.items() if isinstance(v, (int, float, str))}
+        extra.update({"slide_fingerprint": fingerprint, "encoder_fingerprint": encoder.fingerprint,
+                      "failed_tiles": len(failed)})
+        failed_coords = np.array([[f.l0_x, f.l0_y] for f in failed], dtype=np.int64).reshape(-1, 2)
+        write_features_h5(out, bag, attrs=extra, dtype=np.float16 if cfg.feature_dtype == "float16" else np.float32,
+                          failed_coords=failed_coords)
+        outputs += [str(coords_file), str(out)]
+        key = "features" if mag is None else f"features_{mag:g}x"
+        info[key] = {"n_tiles": int(len(feats)), "failed_tiles": [f.to_dict() for f in failed[:50]],
+                     "n_failed_tiles": len(failed), "magnification": bag.magnification}
+    return {"outputs": outputs, "info": info}
+
+
+def extract_slides(
+    slides: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    config: ExtractJobConfig | None = None,
+    runtime: RuntimeOptions | None = None,
+    workers: int = 1,
+    timeout_s: float = 3600.0,
+    progress: bool = True,
+) -> BatchSummary:
+    """Extract tile features of every slide under `slides` into the job `out`.
+
+    Tiles first where coordinates are missing. Resumable: a rerun skips slides whose features
+    still match the slide, the encoder and the settings. Several processes (`torchrun`,
+    `accelerate launch`, or plain copies of this command) may share one job: each slide is done once.
+
+    Args:
+        slides: slide files, DICOM series folders, or folders to search.
+        out: job folder.
+        config: encoder, tiling and storage settings.
+        runtime: batch size, decoding processes, device.
+        workers: extraction worker processes in this process (each loads the encoder once).
+        timeout_s: a slide still running after this many seconds is killed and recorded as failed.
+    Returns:
+        The done / skipped / failed counts and the failure rows.
+    Raises:
+        EncoderNotFoundError: unknown encoder.
+        BatchSetupError: the encoder could not be loaded (e.g. gated weights offline).
+    """
+    cfg = resolve(config or ExtractJobConfig())
+    run = runtime or RuntimeOptions()
+    sources = discover_slides(list(slides))
+    params = {"config": cfg.to_dict()}
+    runner = BatchRunner(out, "extract", extract_one, params, workers=workers, timeout_s=timeout_s,
+                         setup=setup_worker, slides_per_worker=None, progress=progress,
+                         runtime_params={"runtime": asdict(run)})
+    return runner.run(sources)
