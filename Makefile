@@ -25,6 +25,8 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_tiling.py
+	$(PY) bench/bench_extraction.py
+	$(PY) bench/bench_feature_loading.py
 
 lint: install
 	$(VENV)/bin/ruff check pathchat tests bench

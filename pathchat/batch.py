@@ -207,8 +207,13 @@ class _ManifestTail:
         return rows
 
 
-def _worker(fn: WorkFn, setup: SetupFn | None, job_dir: Path, params: dict[str, Any], conn: Any) -> None:
+def _worker(fn: WorkFn, setup: SetupFn | None, job_dir: Path, params: dict[str, Any], conn: Any,
+            env: dict[str, str]) -> None:
     """A worker process: set up once, then process the slides sent to it until told to stop."""
+    # The fork server was started with the environment of its first use; take the caller's current one
+    # (HF_HUB_OFFLINE, CUDA_VISIBLE_DEVICES, ...).
+    os.environ.clear()
+    os.environ.update(env)
     try:
         state = setup(params) if setup is not None else None
     except Exception as e:  # noqa: BLE001 - reported to the parent, which stops the job with it
@@ -321,7 +326,8 @@ class BatchRunner:
     def _start_worker(self, ctx: Any) -> _Worker:
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         # not daemonic: a worker may start DataLoader processes of its own
-        proc = ctx.Process(target=_worker, args=(self.fn, self.setup, self.job_dir, self.worker_params, child_conn),
+        proc = ctx.Process(target=_worker, args=(self.fn, self.setup, self.job_dir, self.worker_params, child_conn,
+                                                 dict(os.environ)),
                            name=f"pathchat-{self.verb}-worker")
         proc.start()
         child_conn.close()

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,44 +25,125 @@ def _first_paragraph(doc: str | None) -> str:
     return (doc or "").strip().split("\n\n")[0].replace("\n", " ")
 
 
-def _add_tile(sub: argparse._SubParsersAction) -> None:
-    from pathchat.wsi.tile_job import tile_slides
+def _verb(sub: argparse._SubParsersAction, name: str, fn: object) -> argparse.ArgumentParser:
+    doc = getattr(fn, "__doc__", "")
+    return sub.add_parser(name, help=_first_paragraph(doc), description=doc,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    p = sub.add_parser("tile", help=_first_paragraph(tile_slides.__doc__), description=tile_slides.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _add_tiling_flags(p: argparse.ArgumentParser, tile_size_default: int | None, mag_help: str) -> None:
     p.add_argument("slides", nargs="+", metavar="SLIDES", help="slide files or folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="JOB", help="job folder")
     res = p.add_mutually_exclusive_group()
-    res.add_argument("--mag", type=float, help="target magnification (default 20, i.e. 0.5 µm/px)")
+    res.add_argument("--mag", type=float, help=mag_help)
     res.add_argument("--mpp", type=float, help="target resolution in µm per pixel")
-    p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels at the target resolution")
+    p.add_argument("--tile-size", type=int, default=tile_size_default,
+                   help="tile side in pixels at the target resolution" + ("" if tile_size_default else
+                                                                        " (default: the encoder's native size)"))
     p.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring tiles in pixels")
     p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue share of a tile (0 keeps all)")
     p.add_argument("--slide-mpp", type=float, help="level-0 µm/px of every slide, overriding the files")
     p.add_argument("--default-slide-mpp", type=float, help="level-0 µm/px for slides whose files record none")
     p.add_argument("--low-res", choices=("native", "error"), default="native",
                    help="slides coarser than the target: tile at their native resolution (warn) or fail")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _tile_config(args: argparse.Namespace, tile_px: int) -> Any:
+    from pathchat.wsi.grid import TilingParams
+    from pathchat.wsi.tile_job import TileJobConfig
+
+    tiling = TilingParams(magnification=args.mag, mpp=args.mpp, tile_px=tile_px, overlap_px=args.overlap,
+                          min_tissue=args.min_tissue, low_resolution=args.low_res)
+    return TileJobConfig(tiling=tiling, slide_mpp=args.slide_mpp, default_slide_mpp=args.default_slide_mpp)
+
+
+def _report(summary: Any, outputs: Path) -> int:
+    for row in summary.failures:
+        print(f"FAILED {row['slide_id']}: [{row['error_type']}] {row['message']}", file=sys.stderr)
+    print(f"outputs: {outputs}")
+    print(summary.line())
+    return int(summary.exit_code)
+
+
+def _add_tile(sub: argparse._SubParsersAction) -> None:
+    from pathchat.wsi.tile_job import tile_slides
+
+    p = _verb(sub, "tile", tile_slides)
+    _add_tiling_flags(p, 256, "target magnification (default 20, i.e. 0.5 µm/px)")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel, one process each")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a slide's process is killed")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run_tile)
 
 
 def _run_tile(args: argparse.Namespace) -> int:
-    from pathchat.wsi.grid import TilingParams
-    from pathchat.wsi.tile_job import TileJobConfig, tile_slides
+    from pathchat.wsi.tile_job import tile_slides
 
-    tiling = TilingParams(magnification=args.mag, mpp=args.mpp, tile_px=args.tile_size, overlap_px=args.overlap,
-                          min_tissue=args.min_tissue, low_resolution=args.low_res)
-    cfg = TileJobConfig(tiling=tiling, slide_mpp=args.slide_mpp, default_slide_mpp=args.default_slide_mpp)
+    cfg = _tile_config(args, args.tile_size)
     summary = tile_slides(args.slides, args.out, cfg, workers=args.workers, timeout_s=args.timeout,
                           progress=not args.no_progress)
-    root = Path(args.out) / tiling.folder_name
-    for row in summary.failures:
-        print(f"FAILED {row['slide_id']}: [{row['error_type']}] {row['message']}", file=sys.stderr)
-    print(f"outputs: {root}")
-    print(summary.line())
-    return summary.exit_code
+    return _report(summary, Path(args.out) / cfg.tiling.folder_name)
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    from pathchat.features.extract import extract_slides
+
+    p = _verb(sub, "extract", extract_slides)
+    _add_tiling_flags(p, None, "target magnification (default: the encoder's native one)")
+    p.add_argument("--encoder", required=True, help="registry name (see `pathchat encoders`), hf:<repo> or timm:<name>")
+    p.add_argument("--weights", help="local weights file or snapshot folder for the encoder")
+    p.add_argument("--weights-map", help="YAML {encoder: local weights path} (default: $PATHCHAT_ENCODER_WEIGHTS)")
+    p.add_argument("--random-weights", action="store_true", help="build the encoder with random weights (dry runs)")
+    p.add_argument("--extra-mag", type=float, help="also extract a second, coarser magnification (e.g. 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch")
+    p.add_argument("--workers", type=int, default=2, help="tile-decoding processes beside the encoder")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="feature storage precision")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda:$LOCAL_RANK when available)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a slide is killed and failed")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from pathchat.features.encoders import get_encoder_spec
+    from pathchat.features.extract import ExtractJobConfig, RuntimeOptions, extract_slides
+
+    spec = get_encoder_spec(args.encoder, weights=args.weights)
+    if args.mag is None and args.mpp is None:
+        args.mag = spec.magnification  # the encoder's native magnification
+    tile_cfg = _tile_config(args, args.tile_size or spec.tile_px)
+    cfg = ExtractJobConfig(encoder=args.encoder, weights=args.weights, weights_map=args.weights_map,
+                           pretrained=not args.random_weights, tile=tile_cfg, extra_magnification=args.extra_mag,
+                           feature_dtype=args.dtype)
+    runtime = RuntimeOptions(batch_size=args.batch_size, loader_workers=args.workers, device=args.device)
+    summary = extract_slides(args.slides, args.out, cfg, runtime, timeout_s=args.timeout,
+                             progress=not args.no_progress)
+    return _report(summary, Path(args.out))
+
+
+def _add_encoders(sub: argparse._SubParsersAction) -> None:
+    from pathchat.features.encoders import encoders_table
+
+    p = _verb(sub, "encoders", encoders_table)
+    p.add_argument("--weights-map", help="YAML {encoder: local weights path} (default: $PATHCHAT_ENCODER_WEIGHTS)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.set_defaults(func=_run_encoders)
+
+
+def _run_encoders(args: argparse.Namespace) -> int:
+    import json
+
+    from pathchat.features.encoders import encoders_table, load_weights_map
+
+    rows = encoders_table(load_weights_map(args.weights_map))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'name':<16} {'dim':>5} {'tile':>5} {'mag':>5}  {'source':<13} {'precision':<9} offline")
+    for r in rows:
+        print(f"{r['name']:<16} {r['dim']:>5} {r['tile_px']:>5} {r['magnification']:>5g}  {r['source']:<13} "
+              f"{r['precision']:<9} {'yes' if r['offline'] else 'no'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     _add_tile(sub)
+    _add_extract(sub)
+    _add_encoders(sub)
     return parser
 
 
@@ -77,9 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from pathchat.batch import BatchSetupError
+    from pathchat.features.encoders import EncoderError
+
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BatchSetupError, EncoderError) as e:
         print(f"pathchat {args.verb}: error: {e}", file=sys.stderr)
         return 1
 

@@ -10,6 +10,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# No test may reach a model hub: every load must come from local files or random weights.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 
 def _shared_slides() -> Path:
     env = os.environ.get("PATHCHAT_SHARED_SLIDES")

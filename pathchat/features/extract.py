@@ -69,19 +69,16 @@ def _file_identity(path: str | None) -> str:
 
 
 def resolve(cfg: ExtractJobConfig) -> ExtractJobConfig:
-    """Fill defaults that depend on the encoder (native tile size and magnification) and its identity.
+    """Fill in the cheap identity of the encoder's weights, so changed weights redo the slides.
 
     Raises:
         EncoderNotFoundError: unknown encoder name (a usage error).
     """
-    spec = get_encoder_spec(cfg.encoder)
-    tiling = cfg.tile.tiling
-    if tiling.magnification is None and tiling.mpp is None:
-        tiling = replace(tiling, magnification=spec.magnification)
+    spec = get_encoder_spec(cfg.encoder, weights=cfg.weights)
     weights_map = load_weights_map(cfg.weights_map)
     identity = "|".join([spec.name, str(spec.hub_id), str(cfg.pretrained), _file_identity(cfg.weights),
                          _file_identity(weights_map.get(spec.name))])
-    return replace(cfg, tile=replace(cfg.tile, tiling=tiling), encoder_identity=identity)
+    return replace(cfg, encoder_identity=identity)
 
 
 def _device(option: str) -> torch.device:

@@ -43,6 +43,10 @@ class TilingParams:
             raise ValueError(f"--mag must be positive, got {self.magnification}")
         if self.mpp is not None and self.mpp <= 0:
             raise ValueError(f"--mpp must be positive, got {self.mpp}")
+        # One canonical form (the target mpp), so 20x, 0.5 µm/px and the default compare equal
+        # wherever settings are compared (resume keys, reuse of coordinates).
+        object.__setattr__(self, "mpp", self.target_mpp)
+        object.__setattr__(self, "magnification", None)
         if self.tile_px < 8:
             raise ValueError(f"--tile-size must be at least 8 px, got {self.tile_px}")
         if not 0 <= self.overlap_px < self.tile_px:

@@ -23,3 +23,16 @@ def misbehave(source: SlideSource, job_dir: Path, params: dict[str, Any], state:
     out = job_dir / "out" / f"{source.slide_id}.txt"
     atomic_write_text(out, source.slide_id)
     return {"outputs": [str(out)], "info": {"ok": True}}
+
+
+def pid_of_worker(source: SlideSource, job_dir: Path, params: dict[str, Any], state: Any = None) -> dict[str, Any]:
+    """Records which process did the slide and what `setup` gave it; crashes on 'segfault' slides."""
+    if "segfault" in source.slide_id:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return {"outputs": [], "info": {"pid": os.getpid(), "state": state}}
+
+
+def setup_counter(params: dict[str, Any]) -> str:
+    if params.get("fail_setup"):
+        raise RuntimeError("weights not found")
+    return f"loaded-by-{os.getpid()}"

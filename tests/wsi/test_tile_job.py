@@ -224,3 +224,35 @@ def test_planted_identifiers_never_reach_outputs_or_logs(tmp_path):
     assert len(files) >= 8
     for path in files:
         assert marker.encode() not in path.read_bytes(), path
+
+
+def test_persistent_workers_keep_their_setup_and_are_replaced_after_a_crash(tmp_path):
+    from batch_fns import pid_of_worker, setup_counter
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a", "b", "c_segfault", "d", "e"):
+        (folder / f"{name}.svs").write_bytes(name.encode())
+    runner = BatchRunner(tmp_path / "job", "test", pid_of_worker, {}, setup=setup_counter, slides_per_worker=None,
+                         progress=False)
+    summary = runner.run(discover_slides([folder]))
+    assert (summary.done, summary.failed) == (4, 1)
+    info = {r["slide_id"]: r["info"] for r in read_jsonl(tmp_path / "job" / "manifest.jsonl") if r["state"] == "done"}
+    assert info["a"]["pid"] == info["b"]["pid"]  # one worker, set up once, for both slides
+    assert info["a"]["state"] == f"loaded-by-{info['a']['pid']}"
+    assert info["d"]["pid"] == info["e"]["pid"] != info["a"]["pid"]  # a new worker after the crash
+
+
+def test_a_worker_that_cannot_start_stops_the_job_with_a_tool_error(tmp_path):
+    from batch_fns import pid_of_worker, setup_counter
+
+    from pathchat.batch import BatchSetupError
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "a.svs").write_bytes(b"a")
+    runner = BatchRunner(tmp_path / "job", "test", pid_of_worker, {"fail_setup": True}, setup=setup_counter,
+                         slides_per_worker=None, progress=False)
+    with pytest.raises(BatchSetupError, match="weights not found"):
+        runner.run(discover_slides([folder]))
+    assert read_jsonl(tmp_path / "job" / "failures.jsonl") == []  # not a slide failure
