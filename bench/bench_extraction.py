@@ -20,11 +20,11 @@ import torch
 
 from pathchat.features.encoders import load_encoder
 from pathchat.features.extract import RuntimeOptions, encode_slide
+from pathchat.wsi.coords import read_coords_h5
 from pathchat.wsi.discovery import discover_slides
 from pathchat.wsi.reader import TileDataset, tile_loader
 from pathchat.wsi.synthetic import SyntheticSlideSpec, random_slide_spec, write_synthetic_slide
 from pathchat.wsi.tile_job import TileJobConfig, output_paths, tile_one
-from pathchat.wsi.coords import read_coords_h5
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

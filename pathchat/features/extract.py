@@ -23,7 +23,6 @@ from pathchat.features.encoders import LoadedEncoder, get_encoder_spec, load_enc
 from pathchat.features.store import FeatureBag, features_path, write_features_h5
 from pathchat.wsi.coords import read_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
-from pathchat.wsi.grid import TilingParams
 from pathchat.wsi.reader import TileDataset, TileFailure, tile_loader
 from pathchat.wsi.tile_job import TileJobConfig, output_paths, tile_one
 
