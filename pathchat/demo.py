@@ -1,8 +1,9 @@
 """`make demo`: the main job so far, end to end on built-in data.
 
 Writes three synthetic slides (a 40x Aperio scan without a 20x level, a 20x generic TIFF, a 20x
-Aperio with six tissue classes), tiles them at 20x, and prints where the QC pictures and the
-coordinates are. Later layers (features, model, chat) will extend this same demo.
+Aperio with six tissue classes), tiles them at 20x, extracts their features with the tiny random
+encoder (the real encoders need weights this demo cannot download), and prints where the QC
+pictures, coordinates and features are. Later layers (model, chat) will extend this same demo.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pathchat.features.extract import ExtractJobConfig, RuntimeOptions, extract_slides
+from pathchat.features.store import features_path, read_features_h5
 from pathchat.utils.atomic import read_jsonl
 from pathchat.wsi.synthetic import SyntheticSlideSpec, TissueRegion, random_slide_spec, write_synthetic_slide
 from pathchat.wsi.tile_job import TileJobConfig, output_paths, tile_slides
@@ -61,8 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         n = rows[slide.stem]["info"]["n_tiles"] if slide.stem in rows else "-"
         mpp = rows[slide.stem]["info"]["mpp"] if slide.stem in rows else float("nan")
         print(f"{slide.stem:<26} {n:>6} {mpp:>6.3g}  {paths['qc']}\n{'':<41}{paths['coords']}")
-    print(f"\n{summary.line()}  (manifest: {job / 'manifest.jsonl'})")
-    return summary.exit_code
+    print(f"\ntiling: {summary.line()}  (manifest: {job / 'manifest.jsonl'})")
+
+    encoder = "random-vit-tiny"
+    extracted = extract_slides(slides, job, ExtractJobConfig(encoder=encoder, tile=config),
+                               RuntimeOptions(batch_size=32, loader_workers=1, device="cpu"))
+    print(f"\nfeatures ({encoder}):")
+    for slide in slides:
+        path = features_path(job, config.tiling.folder_name, encoder, slide.stem)
+        if path.exists():
+            bag = read_features_h5(path)
+            print(f"  {slide.stem:<26} {bag.features.shape[0]:>4} x {bag.dim}  {path}")
+    print(f"extraction: {extracted.line()}")
+    return max(summary.exit_code, extracted.exit_code)
 
 
 if __name__ == "__main__":
