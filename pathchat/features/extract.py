@@ -131,12 +131,19 @@ def encode_slide(source: SlideSource, coords_file: Path, encoder: LoadedEncoder,
     dataset = TileDataset(source.path, tile_coords.l0_coords, int(attrs["read_level"]), int(attrs["read_px"]),
                           int(attrs["patch_size"]))
     features, coords, failed = [], [], []
+    on_gpu = encoder.device.type == "cuda"
+    # On a GPU, uint8 tiles travel (3x smaller than float) and are preprocessed there; on a CPU the
+    # loader's workers preprocess, leaving this process only the model.
+    transform = None if on_gpu or runtime.loader_workers == 0 else encoder.spec.preprocessing
     loader = tile_loader(dataset, batch_size=runtime.batch_size, workers=runtime.loader_workers,
-                         pin_memory=encoder.device.type == "cuda")
+                         pin_memory=on_gpu, transform=transform)
     for batch in loader:
         failed.extend(batch.failed)
         if len(batch.tiles):
-            features.append(encoder.encode(batch.tiles.to(encoder.device, non_blocking=True)).float().cpu())
+            if batch.inputs is not None:
+                features.append(encoder.encode_preprocessed(batch.inputs))
+            else:
+                features.append(encoder.encode(batch.tiles.to(encoder.device, non_blocking=True)))
             coords.append(batch.l0_coords)
     dim = encoder.spec.dim
     feats = torch.cat(features).numpy() if features else np.zeros((0, dim), np.float32)

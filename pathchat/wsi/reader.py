@@ -9,6 +9,7 @@ reopens a handle after an error).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -115,10 +116,16 @@ class TileBatch:
     l0_coords: torch.Tensor  # int64 [b, 2]
     indices: torch.Tensor  # int64 [b], positions in the dataset
     failed: list[TileFailure] = field(default_factory=list)
+    inputs: torch.Tensor | None = None  # `transform(tiles)` when the loader was given a transform
 
 
-def collate_tiles(items: list[dict[str, Any]]) -> TileBatch:
-    """DataLoader collate function that keeps good tiles and lists failed ones."""
+def collate_tiles(items: list[dict[str, Any]],
+                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TileBatch:
+    """DataLoader collate function that keeps good tiles and lists failed ones.
+
+    `transform` (e.g. an encoder's preprocessing) runs here, in the loader's worker processes, on the
+    whole batch of uint8 tiles, so the process running the model does not spend time on it.
+    """
     good = [it for it in items if it["error"] is None]
     failed = [
         TileFailure(int(it["index"]), int(it["l0_coords"][0]), int(it["l0_coords"][1]), str(it["error"]))
@@ -134,25 +141,28 @@ def collate_tiles(items: list[dict[str, Any]]) -> TileBatch:
         tiles = torch.zeros((0, tile_px, tile_px, 3), dtype=torch.uint8)
         coords = torch.zeros((0, 2), dtype=torch.int64)
         indices = torch.zeros(0, dtype=torch.int64)
-    return TileBatch(tiles, coords, indices, failed)
+    inputs = transform(tiles) if transform is not None and len(tiles) else None
+    return TileBatch(tiles, coords, indices, failed, inputs)
 
 
-def tile_loader(dataset: TileDataset, batch_size: int = 64, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def tile_loader(dataset: TileDataset, batch_size: int = 64, workers: int = 0, pin_memory: bool = False,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DataLoader:
     """A DataLoader over the dataset in grid order.
 
-    `workers` is the number of reading processes: 0 or 1 read in this process (a single worker
-    process would only add a copy), 2 and more use DataLoader worker processes.
+    Args:
+        workers: reading processes; 0 reads in this process, N >= 1 uses N DataLoader worker processes
+            (so reading overlaps whatever this process does with the batches).
+        transform: applied to each batch's uint8 tiles in the workers; the result is `batch.inputs`.
     """
-    num_workers = workers if workers >= 2 else 0
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_tiles,
+        num_workers=workers,
+        collate_fn=functools.partial(collate_tiles, transform=transform),
         pin_memory=pin_memory,
         persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=4 if workers else None,
     )
 
 

@@ -109,8 +109,8 @@ def test_every_architecture_builds_and_runs_with_random_weights(name):
 # -- deterministic tiny encoders -------------------------------------------------------------------
 
 # random-vit-tiny, seed 0, on pattern_tiles(2, 256): first four features of each tile
-VIT_TINY_EXPECTED = torch.tensor([[-0.372517, -1.050623, -0.560798, 0.834116],
-                                  [-0.361903, -1.032699, -0.569383, 0.716921]])
+VIT_TINY_EXPECTED = torch.tensor([[-0.366260, -1.051154, -0.576258, 0.833442],
+                                  [-0.357698, -1.035183, -0.583433, 0.716229]])
 
 
 def test_random_vit_tiny_is_deterministic():
@@ -177,7 +177,9 @@ def test_resize_and_crop_match_torchvision(resize, crop, interpolation, shape):
     x = TF.center_crop(x, [crop, crop])
     ref = TF.normalize(x, list(mean), list(std))
     assert ours.shape == ref.shape
-    assert (ours - ref).abs().max() < 1e-3
+    # bilinear on the CPU rounds to whole grey levels (uint8 kernel): at most one level apart
+    tol = 1.0 / 255 / min(std) + 1e-4 if interpolation == "bilinear" else 1e-3
+    assert (ours - ref).abs().max() < tol
 
 
 # -- generic forms --------------------------------------------------------------------------------

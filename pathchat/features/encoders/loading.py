@@ -67,16 +67,29 @@ class LoadedEncoder:
         """
         if tiles.shape[0] == 0:
             return torch.empty(0, self.spec.dim)
-        x = self.spec.preprocessing(tiles.to(self.device, non_blocking=True))
+        return self.encode_preprocessed(self.spec.preprocessing(tiles.to(self.device, non_blocking=True)))
+
+    @torch.inference_mode()
+    def encode_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed tiles already passed through `spec.preprocessing` (e.g. in DataLoader workers).
+
+        Args:
+            x: float32 `[b, 3, input_px, input_px]`, any device (moved to `device`).
+        Returns:
+            float32 `[b, dim]` on the CPU.
+        """
+        if x.shape[0] == 0:
+            return torch.empty(0, self.spec.dim)
+        x = x.to(self.device, non_blocking=True)
         cuda = self.device.type == "cuda"
         if cuda and self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = cuda and self.dtype != torch.float32
         with torch.autocast("cuda", dtype=self.dtype) if autocast else contextlib.nullcontext():
             out = self.model(x)
-        if out.shape != (tiles.shape[0], self.spec.dim):
+        if out.shape != (x.shape[0], self.spec.dim):
             raise EncoderError(f"{self.spec.name}: model returned {list(out.shape)}, expected "
-                               f"[{tiles.shape[0]}, {self.spec.dim}]")
+                               f"[{x.shape[0]}, {self.spec.dim}]")
         return out.float().cpu()
 
 
