@@ -4,8 +4,8 @@ Run with `make bench`. Generates (once, cached under bench/results/) a ~16k x 16
 then measures side by side on exactly the same tiles:
   - tissue detection (thumbnail read + segmentation), best of 3;
   - a plain `OpenSlide.read_region` loop converting each tile to RGB, in this process;
-  - PathChat's `TileDataset` through `tile_loader` with 1 and 2 workers, with its direct JPEG
-    decoding (the default) and with OpenSlide only.
+  - PathChat's `TileDataset` through `tile_loader` in this process and with 1 and 2 worker
+    processes, with its direct JPEG decoding (the default) and with OpenSlide only.
 Prints one JSON object and writes it to bench/results/tiling.json.
 """
 
@@ -88,10 +88,11 @@ def main() -> None:
                     "openslide": openslide.__library_version__},
     }
     rates: dict[str, list[float]] = {k: [] for k in (
-        "plain_read_region", "pathchat_1_worker", "pathchat_2_workers",
+        "plain_read_region", "pathchat_in_process", "pathchat_1_worker", "pathchat_2_workers",
         "pathchat_openslide_only_1_worker", "pathchat_openslide_only_2_workers")}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits every reader alike
         rates["plain_read_region"].append(plain_loop(path, grid.l0_coords, grid.read_level, grid.read_px))
+        rates["pathchat_in_process"].append(pathchat_loop(path, grid, 0, args.batch_size))
         rates["pathchat_1_worker"].append(pathchat_loop(path, grid, 1, args.batch_size))
         rates["pathchat_2_workers"].append(pathchat_loop(path, grid, 2, args.batch_size))
         # the same reader with direct JPEG decoding switched off: what the workers alone give
