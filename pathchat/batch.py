@@ -34,7 +34,14 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pathchat.utils.atomic import append_jsonl, atomic_write_text, read_jsonl, sha256_file, sweep_stale_temps
+from pathchat.utils.atomic import (
+    append_jsonl,
+    atomic_write_text,
+    pid_alive,
+    read_jsonl,
+    sha256_file,
+    sweep_stale_temps,
+)
 from pathchat.wsi.discovery import SlideSource
 from pathchat.wsi.errors import SlideError
 
@@ -116,16 +123,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class SlideLocks:
     """One lock file per slide so concurrent processes never work on the same slide.
 
@@ -147,7 +144,7 @@ class SlideLocks:
             owner = json.loads(path.read_text() or "{}")
         except (FileNotFoundError, json.JSONDecodeError):
             return True  # vanished, or torn while being written by a process that then died
-        if owner.get("host") == self.host and not _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") == self.host and not pid_alive(int(owner.get("pid", -1))):
             return True
         return age > self.stale_after_s
 

@@ -90,7 +90,8 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -109,7 +110,7 @@ def sweep_stale_temps(folder: str | os.PathLike[str]) -> int:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             m = _TMP_RE.match(name)
-            if m and not _pid_alive(int(m.group("pid"))):
+            if m and not pid_alive(int(m.group("pid"))):
                 with contextlib.suppress(FileNotFoundError):
                     (Path(dirpath) / name).unlink()
                     removed += 1

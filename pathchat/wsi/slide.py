@@ -65,7 +65,7 @@ class SlideInfo:
 class Slide(ABC):
     """A pyramidal RGB image with physical resolution metadata.
 
-    Subclasses provide `_read` (the raw region read) and the metadata properties; size checks,
+    Subclasses provide `_read` (the raw region read) and set the metadata attributes; size checks,
     thumbnails and resolution logic live here once.
     """
 
@@ -73,27 +73,33 @@ class Slide(ABC):
         self.path = os.fspath(path)
         self.max_read_pixels = max_read_pixels
 
-    # -- metadata ---------------------------------------------------------------------------
-    @property
-    @abstractmethod
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
+    # -- metadata (subclasses set these attributes in their constructors) ---------------------
+    _level_dimensions: tuple[tuple[int, int], ...]
+    _level_downsamples: tuple[float, ...]
+    _mpp: float | None
+    _objective_power: float | None
+    _vendor: str
 
     @property
-    @abstractmethod
-    def level_downsamples(self) -> tuple[float, ...]: ...
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._level_dimensions
 
     @property
-    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._level_downsamples
+
+    @property
     def mpp(self) -> float | None:
         """Level-0 µm per pixel from the file's metadata (None when absent)."""
+        return self._mpp
 
     @property
-    @abstractmethod
-    def objective_power(self) -> float | None: ...
+    def objective_power(self) -> float | None:
+        return self._objective_power
 
     @property
-    @abstractmethod
-    def vendor(self) -> str: ...
+    def vendor(self) -> str:
+        return self._vendor
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -251,7 +257,7 @@ class OpenSlideSlide(Slide):
         self._open_target = _openslide_target(Path(self.path))
         self._osr = self._open()
         props = self._osr.properties
-        self._level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+        self._level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
         l0_w, l0_h = self._level_dimensions[0]
         if l0_w * l0_h > DEFAULT_MAX_SLIDE_PIXELS:
             self._discard_handle()
@@ -279,26 +285,6 @@ class OpenSlideSlide(Slide):
             raise CorruptSlideError(self.path, f"OpenSlide cannot open it: {e}") from e
         except OSError as e:
             raise UnsupportedFormatError(self.path, f"cannot open: {e}") from e
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._level_dimensions  # type: ignore[return-value]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._level_downsamples
-
-    @property
-    def mpp(self) -> float | None:
-        return self._mpp
-
-    @property
-    def objective_power(self) -> float | None:
-        return self._objective_power
-
-    @property
-    def vendor(self) -> str:
-        return self._vendor
 
     @property
     def quickhash(self) -> str | None:
@@ -405,32 +391,13 @@ class InMemorySlide(Slide):
         for d in downsamples[1:]:
             lw, lh = max(1, -(-w // d)), max(1, -(-h // d))
             self._levels.append(cv2.resize(image, (lw, lh), interpolation=cv2.INTER_AREA))
-        self._downsamples = tuple(float(d) for d in downsamples)
+        self._level_dimensions = tuple((lv.shape[1], lv.shape[0]) for lv in self._levels)
+        self._level_downsamples = tuple(float(d) for d in downsamples)
         self._mpp, self._objective_power, self._vendor = mpp, objective_power, vendor
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple((lv.shape[1], lv.shape[0]) for lv in self._levels)
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def mpp(self) -> float | None:
-        return self._mpp
-
-    @property
-    def objective_power(self) -> float | None:
-        return self._objective_power
-
-    @property
-    def vendor(self) -> str:
-        return self._vendor
 
     def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         img = self._levels[level]
-        ds = self._downsamples[level]
+        ds = self._level_downsamples[level]
         x0, y0 = int(np.floor(l0_xy[0] / ds)), int(np.floor(l0_xy[1] / ds))
         w, h = size
         out = np.full((h, w, 3), 255, dtype=np.uint8)
