@@ -46,16 +46,21 @@ def _add_tiling_flags(p: argparse.ArgumentParser, tile_size_default: int | None,
     p.add_argument("--default-slide-mpp", type=float, help="level-0 µm/px for slides whose files record none")
     p.add_argument("--low-res", choices=("native", "error"), default="native",
                    help="slides coarser than the target: tile at their native resolution (warn) or fail")
+    p.add_argument("--tissue-threshold", type=float,
+                   help="fixed HSV-saturation threshold (0-255) instead of Otsu, for unusual stains")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _tile_config(args: argparse.Namespace, tile_px: int) -> Any:
     from pathchat.wsi.grid import TilingParams
     from pathchat.wsi.tile_job import TileJobConfig
+    from pathchat.wsi.tissue import TissueParams
 
     tiling = TilingParams(magnification=args.mag, mpp=args.mpp, tile_px=tile_px, overlap_px=args.overlap,
                           min_tissue=args.min_tissue, low_resolution=args.low_res)
-    return TileJobConfig(tiling=tiling, slide_mpp=args.slide_mpp, default_slide_mpp=args.default_slide_mpp)
+    tissue = TissueParams(saturation_threshold=args.tissue_threshold)
+    return TileJobConfig(tiling=tiling, tissue=tissue, slide_mpp=args.slide_mpp,
+                         default_slide_mpp=args.default_slide_mpp)
 
 
 def _report(summary: Any, outputs: Path) -> int:
@@ -97,7 +102,10 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-mag", type=float, help="also extract a second, coarser magnification (e.g. 5)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch")
     p.add_argument("--workers", type=int, default=2, help="tile-decoding processes beside the encoder")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="feature storage precision")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="encoder compute precision on GPU (auto: the encoder's recommended one; CPU runs fp32)")
+    p.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
+                   help="precision of the stored features")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda:$LOCAL_RANK when available)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a slide is killed and failed")
     p.set_defaults(func=_run_extract)
@@ -113,8 +121,9 @@ def _run_extract(args: argparse.Namespace) -> int:
     tile_cfg = _tile_config(args, args.tile_size or spec.tile_px)
     cfg = ExtractJobConfig(encoder=args.encoder, weights=args.weights, weights_map=args.weights_map,
                            pretrained=not args.random_weights, tile=tile_cfg, extra_magnification=args.extra_mag,
-                           feature_dtype=args.dtype)
-    runtime = RuntimeOptions(batch_size=args.batch_size, loader_workers=args.workers, device=args.device)
+                           feature_dtype=args.feature_dtype)
+    runtime = RuntimeOptions(batch_size=args.batch_size, loader_workers=args.workers, device=args.device,
+                             dtype=args.dtype)
     summary = extract_slides(args.slides, args.out, cfg, runtime, timeout_s=args.timeout,
                              progress=not args.no_progress)
     return _report(summary, Path(args.out))

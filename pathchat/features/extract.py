@@ -20,6 +20,7 @@ import torch
 
 from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.features.encoders import LoadedEncoder, get_encoder_spec, load_encoder, load_weights_map
+from pathchat.features.encoders.spec import PRECISIONS
 from pathchat.features.store import FeatureBag, features_path, write_features_h5
 from pathchat.wsi.coords import read_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
@@ -55,6 +56,7 @@ class RuntimeOptions:
     batch_size: int = 64
     loader_workers: int = 2  # tile-decoding processes per extraction worker
     device: str = "auto"  # "auto" = cuda:LOCAL_RANK when CUDA is available, else cpu
+    dtype: str = "auto"  # GPU compute precision: "auto" (the encoder's recommended), "fp32", "fp16", "bf16"
 
 
 def _file_identity(path: str | None) -> str:
@@ -104,6 +106,8 @@ def setup_worker(params: dict[str, Any]) -> _WorkerState:
     weights_map = load_weights_map(cfg.weights_map)
     encoder = load_encoder(cfg.encoder, device=device, weights=cfg.weights, weights_map=weights_map,
                            pretrained=cfg.pretrained)
+    if runtime.dtype != "auto" and device.type == "cuda":
+        encoder.dtype = PRECISIONS[runtime.dtype]  # an explicit choice overrides the recommendation
     return _WorkerState(encoder, runtime)
 
 

@@ -29,6 +29,14 @@ def render_qc(thumbnail: np.ndarray, tissue: TissueMask, grid: TileGrid) -> np.n
     return out
 
 
+def write_mask_png(path: str | os.PathLike[str], tissue: TissueMask) -> None:
+    """The binary tissue mask (255 = tissue) at thumbnail resolution."""
+    ok, buf = cv2.imencode(".png", tissue.mask.astype(np.uint8) * 255)
+    if not ok:
+        raise RuntimeError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(path, buf.tobytes())
+
+
 def write_qc_png(path: str | os.PathLike[str], thumbnail: np.ndarray, tissue: TissueMask, grid: TileGrid) -> None:
     image = render_qc(thumbnail, tissue, grid)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))

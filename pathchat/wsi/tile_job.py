@@ -1,8 +1,9 @@
 """`pathchat tile`: slides -> tissue mask -> tile grid, written in TRIDENT's job layout.
 
 For each slide, under `JOB/<mag>x_<tile>px_<overlap>px_overlap/`:
-`patches/<slide>.h5` (coordinates), `visualization/<slide>.png` (QC) and
-`contours_geojson/<slide>.geojson` (tissue outline for QuPath). The batch bookkeeping (manifest,
+`patches/<slide>.h5` (coordinates), `visualization/<slide>.png` (QC),
+`contours_geojson/<slide>.geojson` (tissue outline for QuPath) and `tissue_masks/<slide>.png`
+(the binary mask at thumbnail resolution; `mask_downsample` in the coords attrs maps it to level 0). The batch bookkeeping (manifest,
 failures, resume, one process per slide) is `pathchat.batch`.
 """
 
@@ -20,7 +21,7 @@ from pathchat.utils.atomic import atomic_write_text
 from pathchat.wsi.coords import write_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
 from pathchat.wsi.grid import TilingParams, build_grid
-from pathchat.wsi.qc import write_qc_png
+from pathchat.wsi.qc import write_mask_png, write_qc_png
 from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, open_slide, resolve_mpp
 from pathchat.wsi.tissue import TissueParams, detect_tissue
 
@@ -55,6 +56,7 @@ def output_paths(job_dir: Path, slide_id: str, tiling: TilingParams) -> dict[str
         "coords": root / "patches" / f"{slide_id}.h5",
         "qc": root / "visualization" / f"{slide_id}.png",
         "geojson": root / "contours_geojson" / f"{slide_id}.geojson",
+        "mask": root / "tissue_masks" / f"{slide_id}.png",
     }
 
 
@@ -71,9 +73,11 @@ def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: 
     write_coords_h5(
         paths["coords"], grid, source.slide_id, info, fingerprint, resolution.source,
         extra_attrs={"tissue_params": cfg.tissue.to_dict(), "tissue_threshold": tissue.threshold,
+                     "mask_downsample": tissue.downsample,
                      "tiling_key": params_key("tile", cfg.to_dict())},
     )
     write_qc_png(paths["qc"], thumbnail, tissue, grid)
+    write_mask_png(paths["mask"], tissue)
     atomic_write_text(paths["geojson"], json.dumps(tissue.to_geojson()) + "\n")
     return {
         "outputs": [str(p) for p in paths.values()],

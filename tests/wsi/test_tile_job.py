@@ -74,6 +74,9 @@ def test_cli_tiles_every_readable_slide_and_reports_every_bad_one(tmp_path, caps
         assert gj["type"] == "FeatureCollection"
     attrs = read_coords_h5(job / FOLDER / "patches" / "CMU-1-Small-Region.h5").attrs
     assert attrs["patch_size"] == 256 and attrs["patch_size_level0"] == 256
+    mask = cv2.imread(str(job / FOLDER / "tissue_masks" / "CMU-1-Small-Region.png"), cv2.IMREAD_GRAYSCALE)
+    assert mask.shape[0] * attrs["mask_downsample"] == pytest.approx(2967, abs=2)
+    assert set(np.unique(mask)) == {0, 255} and (mask == 255).mean() == pytest.approx(0.402, abs=0.01)
     assert attrs["mpp"] == pytest.approx(0.499) and attrs["mpp_source"] == "metadata"
     assert attrs["level0_width"] == 2220 and attrs["level0_height"] == 2967
     assert json.loads(attrs["slide_info"])["vendor"] == "aperio"
@@ -93,6 +96,14 @@ def test_tcga_tiles_with_a_resolution_given_and_its_failure_row_clears(tmp_path)
     coords = read_coords_h5(job / FOLDER / "patches" / "tcga-cr-7395-01a-01-ts1.h5")
     # 2.53 mm² of tissue / 0.0164 mm² per tile = 155 full tiles plus border tiles
     assert len(coords.l0_coords) == 170 and coords.attrs["mpp_source"] == "fallback"
+
+
+def test_a_fixed_tissue_threshold_replaces_otsu(tmp_path, capsys):
+    cmu = SLIDES / "aperio" / "CMU-1-Small-Region.svs"
+    assert main(["tile", str(cmu), "--out", str(tmp_path / "strict"), "--tissue-threshold", "120", "--no-progress"]) == 0
+    strict = read_coords_h5(tmp_path / "strict" / FOLDER / "patches" / "CMU-1-Small-Region.h5")
+    assert strict.attrs["tissue_threshold"] == 120
+    assert len(strict.l0_coords) < EXPECTED_TILES["CMU-1-Small-Region"]  # only the darkest tissue is kept
 
 
 def test_usage_errors_exit_1(tmp_path, capsys):
@@ -180,7 +191,8 @@ def test_a_job_killed_at_any_moment_loses_and_duplicates_nothing(tmp_path):
         last[r["slide_id"]] = r
     assert sorted(last) == [f"slide_{i:02d}" for i in range(8)]
     assert {r["state"] for r in last.values()} <= {"done", "skipped"}
-    for kind, suffix in (("patches", ".h5"), ("visualization", ".png"), ("contours_geojson", ".geojson")):
+    for kind, suffix in (("patches", ".h5"), ("visualization", ".png"), ("contours_geojson", ".geojson"),
+                         ("tissue_masks", ".png")):
         names = sorted(p.name for p in (job / FOLDER / kind).iterdir())
         assert names == [f"slide_{i:02d}{suffix}" for i in range(8)]  # no temporaries, no duplicates
     done_rows = {r["slide_id"]: r for r in rows if r["state"] == "done"}
