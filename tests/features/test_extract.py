@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CMU, SLIDES, ZEROED
+from shared_data import CMU, SLIDES, ZEROED
 
 from pathchat.batch import fingerprint_slide
 from pathchat.cli import main

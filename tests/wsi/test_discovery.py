@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import SLIDES
+from shared_data import SLIDES
 
 from pathchat.wsi.discovery import discover_slides
 

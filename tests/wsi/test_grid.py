@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import blob_image
+from shared_data import blob_image
 
 from pathchat.wsi.errors import ResolutionTooLowError
 from pathchat.wsi.grid import TilingParams, build_grid

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import openslide
 import pytest
-from conftest import CMU, ZEROED
+from shared_data import CMU, ZEROED
 
 from pathchat.wsi.grid import TilingParams, build_grid
 from pathchat.wsi.reader import TileDataset, collate_tiles, iter_tiles, tile_loader

@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import CMU, SLIDES, TCGA, ZEROED
 from PIL import Image
+from shared_data import CMU, SLIDES, TCGA, ZEROED
 
 from pathchat.wsi import slide as slide_mod
 from pathchat.wsi.errors import (

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from batch_fns import misbehave
-from conftest import SLIDES, TCGA
+from shared_data import SLIDES, TCGA
 
 from pathchat.batch import BatchRunner
 from pathchat.cli import main

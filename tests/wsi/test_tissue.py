@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import CMU, TCGA, blob_image
+from shared_data import CMU, TCGA, blob_image
 
 from pathchat.wsi.slide import InMemorySlide, open_slide
 from pathchat.wsi.tissue import TissueParams, detect_tissue, segment_tissue

@@ -1,0 +1,119 @@
+"""The connector contract: tile features of any count in, a fixed number `k` of LLM tokens out.
+
+Every connector also says how much each tile contributed (`relevance`), which the UI and the
+reports use to show the evidence behind an answer. Configs are typed dataclasses whose `type`
+tag is saved with the checkpoint and dispatched through the registry when loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ConnectorOutput:
+    """What a connector returns.
+
+    Attributes:
+        tokens: `[b, k, d_llm]` slide tokens that replace the `<slide>` placeholders.
+        relevance: `[b, n]` float, >= 0, sums to 1 over each slide's valid tiles, exactly 0 on padding.
+        token_relevance: `[b, k, n]` each output token's weights over tiles (each row sums to 1 over
+            valid tiles), so relevance can be re-weighted by how much an answer attended to each token.
+    """
+
+    tokens: Tensor
+    relevance: Tensor
+    token_relevance: Tensor | None = None
+
+
+@dataclass
+class ConnectorConfig:
+    """Base of the connector configs; each subclass starts with a fixed `type` tag."""
+
+    type: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-safe) holding the `type` tag and every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConnectorConfig:
+        """Rebuild a config from `to_dict` output, dispatching on `d["type"]` through the registry.
+
+        Raises:
+            ValueError: unknown `type` (the message lists the known ones), a `type` that does not
+                match the subclass this was called on, or unknown fields.
+        """
+        from pathchat.model.connectors.registry import CONNECTORS  # the registry imports this module
+
+        if "type" not in d:
+            raise ValueError(f"connector config has no 'type'; known types: {sorted(CONNECTORS)}")
+        name = d["type"]
+        if name not in CONNECTORS:
+            raise ValueError(f"unknown connector type {name!r}; known types: {sorted(CONNECTORS)}")
+        config_cls = CONNECTORS[name][0]
+        if cls is not ConnectorConfig and not issubclass(config_cls, cls):
+            raise ValueError(f"config type {name!r} is not a {cls.__name__}")
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown fields for connector {name!r}: {unknown}; known: {sorted(known)}")
+        return config_cls(**d)
+
+
+class Connector(nn.Module):
+    """Base class: `forward(tile_features, tile_coords_um, tile_mask, tile_scale) -> ConnectorOutput`.
+
+    Inputs (shared by every connector):
+        tile_features: `[b, n, d_enc]` float.
+        tile_coords_um: `[b, n, 2]` float, each tile's top-left (x, y) in micrometres
+            (level-0 pixels x mpp, computed by the caller), or None when unknown.
+        tile_mask: `[b, n]` bool, True for real tiles; None means all real.
+        tile_scale: `[b, n]` long, 0 = primary magnification, 1 = the optional coarser one; None = all 0.
+    """
+
+    config_class: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+    num_tokens: int
+
+    def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
+                tile_scale: Tensor | None = None) -> ConnectorOutput:
+        raise NotImplementedError
+
+
+def check_inputs(tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
+                 tile_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Validate the shared inputs and return `(tile_mask [b, n] bool, tile_scale [b, n] long)`.
+
+    Raises:
+        ValueError: wrong ranks or shapes, or a slide with no valid tile (its attention is undefined).
+    """
+    if tile_features.ndim != 3:
+        raise ValueError(f"tile_features must be [b, n, d_enc], got shape {tuple(tile_features.shape)}")
+    b, n, _ = tile_features.shape
+    if n == 0:
+        raise ValueError("tile_features has no tiles (n = 0)")
+    if tile_coords_um is not None and tuple(tile_coords_um.shape) != (b, n, 2):
+        raise ValueError(f"tile_coords_um must be [{b}, {n}, 2], got {tuple(tile_coords_um.shape)}")
+    if tile_mask is None:
+        tile_mask = torch.ones(b, n, dtype=torch.bool, device=tile_features.device)
+    elif tuple(tile_mask.shape) != (b, n):
+        raise ValueError(f"tile_mask must be [{b}, {n}], got {tuple(tile_mask.shape)}")
+    tile_mask = tile_mask.bool()
+    if not bool(tile_mask.any(dim=1).all()):
+        raise ValueError("every slide needs at least one valid tile (a tile_mask row is all False)")
+    if tile_scale is None:
+        tile_scale = torch.zeros(b, n, dtype=torch.long, device=tile_features.device)
+    elif tuple(tile_scale.shape) != (b, n):
+        raise ValueError(f"tile_scale must be [{b}, {n}], got {tuple(tile_scale.shape)}")
+    return tile_mask, tile_scale.long()
+
+
+def normalise_relevance(weights: Tensor, tile_mask: Tensor) -> Tensor:
+    """`[b, n]` non-negative weights -> exactly 0 on padding and summing to 1 over valid tiles."""
+    weights = weights.float().clamp_min(0) * tile_mask
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
