@@ -26,7 +26,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,11 @@ def fingerprint_slide(source: SlideSource) -> str:
     """A content fingerprint of every file of a slide, cheap for multi-GB files.
 
     Hashes each file's size, its first and last MiB and 16 evenly spaced 64 KiB blocks. A replaced
-    or edited slide changes it; renaming or copying (new mtime) does not.
+    or edited slide changes it; renaming or copying (new mtime) does not. A source that already
+    carries its fingerprint (the batch runner hands workers such sources) is not read again.
     """
+    if source.fingerprint is not None:
+        return source.fingerprint
     h = hashlib.sha256()
     for f in source.files:
         size = f.stat().st_size
@@ -424,7 +427,7 @@ class BatchRunner:
                     w = idle.pop() if idle else self._start_worker(ctx)
                     self._record(source, "started", fingerprint)
                     w.source, w.fingerprint, w.started, w.last_refresh = source, fingerprint, time.monotonic(), time.time()
-                    w.conn.send(source)
+                    w.conn.send(replace(source, fingerprint=fingerprint))
                     busy.append(w)
                 if not busy:
                     continue

@@ -30,6 +30,7 @@ class SlideSource:
     slide_id: str  # unique within a job, used for output file names
     path: Path  # what `open_slide` receives
     files: tuple[Path, ...]  # all files whose content makes up the slide (for fingerprints)
+    fingerprint: str | None = None  # content fingerprint, once the batch runner has computed it
 
 
 def _dicom_series_uid(path: Path) -> str | None:
