@@ -427,10 +427,9 @@ class BatchRunner:
                     w = idle.pop() if idle else self._start_worker(ctx)
                     self._record(source, "started", fingerprint)
                     w.source, w.fingerprint, w.started, w.last_refresh = source, fingerprint, time.monotonic(), time.time()
-                    try:
+                    # a worker that already exited (e.g. its setup failed) is handled by the loop below
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         w.conn.send(replace(source, fingerprint=fingerprint))
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # the worker already exited (e.g. its setup failed): the loop below reads why
                     busy.append(w)
                 if not busy:
                     continue
