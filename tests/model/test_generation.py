@@ -6,36 +6,15 @@ import logging
 
 import pytest
 import torch
+from tiny_models import FEATURE_DIM, K, build_tiny
 
-from pathchat.model.conversation import add_slide_tokens, render_conversation
+from pathchat.model.conversation import render_conversation
 from pathchat.model.generation import ChatSession, answer_relevance, generate_batch, generate_batch_ids
-from pathchat.model.modeling import build_pathchat
-from pathchat.model.tokenizers import build_test_tokenizer
-
-FEATURE_DIM = 32
-CONNECTOR = {"type": "resampler", "num_latents": 8, "hidden_dim": 32, "num_heads": 4, "num_layers": 1}
-K = 8
-
-
-def _text_config(kind: str, vocab_size: int) -> dict:
-    return {
-        "model_type": kind, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": vocab_size,
-        "max_position_embeddings": 512, "tie_word_embeddings": kind == "llama",
-    }
-
-
-def _build(kind: str):
-    tokenizer = build_test_tokenizer("qwen2" if kind == "qwen2" else "llama3")
-    add_slide_tokens(tokenizer)
-    torch.manual_seed(0)
-    model = build_pathchat(_text_config(kind, len(tokenizer)), tokenizer, FEATURE_DIM, CONNECTOR)
-    return model.eval(), tokenizer
 
 
 @pytest.fixture(params=["qwen2", "llama"])
 def tiny(request):
-    return (request.param, *_build(request.param))
+    return (request.param, *build_tiny(request.param))
 
 
 def _slide(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +71,7 @@ def test_follow_up_reuses_cache_and_matches_full_recompute(tiny, caplog):
 
 
 def test_three_turns_cache_matches_recompute():
-    model, tokenizer = _build("qwen2")
+    model, tokenizer = build_tiny("qwen2")
     features, coords = _slide(12, 0)
     session = ChatSession(model, tokenizer, features, coords, system_prompt="Answer briefly.",
                           keep_prefill_logits=True)
@@ -120,7 +99,7 @@ def test_stream_concatenates_to_answer(tiny):
 
 
 def test_sampling_is_seeded_and_slide_marker_checked():
-    model, tokenizer = _build("qwen2")
+    model, tokenizer = build_tiny("qwen2")
     features, coords = _slide(10, 2)
     answers = []
     for _ in range(2):
@@ -175,7 +154,7 @@ def test_answer_relevance_shape_sum_and_padding(tiny):
 
 
 def test_render_prompt_matches_conversation_module():
-    model, tokenizer = _build("llama")
+    model, tokenizer = build_tiny("llama")
     features, coords = _slide(6, 0)
     session = ChatSession(model, tokenizer, features, coords)
     session.ask("Hi", max_new_tokens=1)

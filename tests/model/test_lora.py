@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import build_tiny
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pathchat.model import attention_backend
 from pathchat.model.attention_backend import choose_attn_implementation
 from pathchat.model.checkpoint import MANIFEST_NAME, ManifestError
-from pathchat.model.conversation import add_slide_tokens
 from pathchat.model.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -28,11 +28,10 @@ from pathchat.model.lora import (
     merge_lora,
     save_lora,
 )
-from pathchat.model.modeling import PathChatForConditionalGeneration, build_pathchat
-from pathchat.model.tokenizers import build_test_tokenizer
+from pathchat.model.modeling import PathChatForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_modeling import CONNECTOR, FEATURE_DIM, _prompt, _text_config, _tiles  # noqa: E402
+from test_modeling import _prompt, _tiles  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = LoraSettings(r=4, alpha=8, dropout=0.0)
@@ -49,11 +48,7 @@ LORA_PARAMS = 2 * sum(SETTINGS.r * (i + o) for i, o in _SHAPES.values())  # 8192
 @pytest.fixture(params=["qwen2", "llama"])
 def tiny(request):
     """(model, tokenizer) of a tiny random PathChat without adapter, deterministic (seed 0)."""
-    tokenizer = build_test_tokenizer("qwen2" if request.param == "qwen2" else "llama3")
-    add_slide_tokens(tokenizer)
-    torch.manual_seed(0)
-    model = build_pathchat(_text_config(request.param, len(tokenizer)), tokenizer, FEATURE_DIM, CONNECTOR)
-    return model.eval(), tokenizer
+    return build_tiny(request.param)
 
 
 def _randomize_trainable(model: PathChatForConditionalGeneration, seed: int = 1) -> None:

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from tiny_models import CONNECTOR, FEATURE_DIM, K, build_tiny, text_config
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -18,34 +19,19 @@ from transformers import (
 
 from pathchat.model.checkpoint import MANIFEST_NAME, ManifestError
 from pathchat.model.configuration import PathChatConfig
-from pathchat.model.conversation import add_slide_tokens, render_conversation
+from pathchat.model.conversation import render_conversation
 from pathchat.model.modeling import PathChatForConditionalGeneration, build_pathchat
 from pathchat.model.tokenizers import build_test_tokenizer
 
-FEATURE_DIM = 32
 NUM_TILES = 12
-CONNECTOR = {"type": "resampler", "num_latents": 8, "hidden_dim": 32, "num_heads": 4, "num_layers": 1}
-K = 8
 QUESTION = [{"role": "user", "content": "<slide>\nWhat tissue is this?"}]
 CHAT = QUESTION + [{"role": "assistant", "content": "Colon mucosa with a tubular adenoma."}]
-
-
-def _text_config(kind: str, vocab_size: int) -> dict:
-    return {
-        "model_type": kind, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": vocab_size,
-        "max_position_embeddings": 512, "tie_word_embeddings": kind == "llama",
-    }
 
 
 @pytest.fixture(params=["qwen2", "llama"])
 def tiny(request):
     """(model, tokenizer) of a tiny random PathChat, deterministic (seed 0)."""
-    tokenizer = build_test_tokenizer("qwen2" if request.param == "qwen2" else "llama3")
-    add_slide_tokens(tokenizer)
-    torch.manual_seed(0)
-    model = build_pathchat(_text_config(request.param, len(tokenizer)), tokenizer, FEATURE_DIM, CONNECTOR)
-    return model.eval(), tokenizer
+    return build_tiny(request.param)
 
 
 def _tiles(batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -231,7 +217,7 @@ def test_sampling_with_seed_is_reproducible(tiny):
 def test_build_pathchat_keeps_pretrained_weights():
     tokenizer = build_test_tokenizer("qwen2")
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**_text_config("qwen2", len(tokenizer))))
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text_config("qwen2", len(tokenizer))))
     old = {name: t.clone() for name, t in lm.state_dict().items()}
     model = build_pathchat(lm, tokenizer, FEATURE_DIM, CONNECTOR)  # adds 2 tokens -> resizes
     assert model.language_model is lm
@@ -248,10 +234,10 @@ def test_build_pathchat_keeps_pretrained_weights():
 
 def test_build_pathchat_does_not_mutate_config():
     tokenizer = build_test_tokenizer("llama3")
-    text_config = AutoConfig.for_model(**_text_config("llama", 100))
-    snapshot = copy.deepcopy(text_config.to_dict())
-    model = build_pathchat(text_config, tokenizer, FEATURE_DIM, CONNECTOR)
-    assert text_config.to_dict() == snapshot
+    llama_config = AutoConfig.for_model(**text_config("llama", 100))
+    snapshot = copy.deepcopy(llama_config.to_dict())
+    model = build_pathchat(llama_config, tokenizer, FEATURE_DIM, CONNECTOR)
+    assert llama_config.to_dict() == snapshot
     assert model.language_model.config.vocab_size == len(tokenizer)
 
 
