@@ -79,7 +79,7 @@ def main() -> None:
 
     def extraction(options: RuntimeOptions) -> float:
         t0 = time.perf_counter()
-        feats, _, failed = encode_slide(source, coords_file, encoder, options)
+        feats, _, failed = encode_slide(source, coords, encoder, options)
         assert len(feats) == n and not failed
         return n / (time.perf_counter() - t0)
 

@@ -22,7 +22,7 @@ from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide, params_
 from pathchat.features.encoders import LoadedEncoder, get_encoder_spec, load_encoder, load_weights_map
 from pathchat.features.encoders.spec import PRECISIONS
 from pathchat.features.store import FeatureBag, features_path, write_features_h5
-from pathchat.wsi.coords import read_coords_h5
+from pathchat.wsi.coords import TileCoords, read_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
 from pathchat.wsi.reader import TileDataset, TileFailure, tile_loader
 from pathchat.wsi.tile_job import TileJobConfig, output_paths, tile_one
@@ -111,26 +111,26 @@ def setup_worker(params: dict[str, Any]) -> _WorkerState:
     return _WorkerState(encoder, runtime)
 
 
-def _coords_for(source: SlideSource, job_dir: Path, tile_cfg: TileJobConfig, fingerprint: str) -> Path:
-    """The slide's coordinates at these settings, tiling it first when they are missing or stale."""
+def _coords_for(source: SlideSource, job_dir: Path, tile_cfg: TileJobConfig,
+                fingerprint: str) -> tuple[Path, TileCoords]:
+    """The slide's coordinates file and contents at these settings, tiling it first when missing or stale."""
     path = output_paths(job_dir, source.slide_id, tile_cfg.tiling)["coords"]
     key = params_key("tile", tile_cfg.to_dict())
     if path.is_file():
-        attrs = read_coords_h5(path).attrs
-        if attrs.get("fingerprint") == fingerprint and attrs.get("tiling_key") == key:
-            return path
+        tile_coords = read_coords_h5(path)
+        if tile_coords.attrs.get("fingerprint") == fingerprint and tile_coords.attrs.get("tiling_key") == key:
+            return path, tile_coords
     tile_one(source, job_dir, tile_cfg.to_dict())
-    return path
+    return path, read_coords_h5(path)
 
 
-def encode_slide(source: SlideSource, coords_file: Path, encoder: LoadedEncoder,
+def encode_slide(source: SlideSource, tile_coords: TileCoords, encoder: LoadedEncoder,
                  runtime: RuntimeOptions) -> tuple[np.ndarray, np.ndarray, list[TileFailure]]:
-    """Features of every readable tile listed in a coords file.
+    """Features of every readable tile listed in a coords file (as read by `read_coords_h5`).
 
     Returns:
         (features float32 `[n, d]`, coords int64 `[n, 2]`, failed tiles).
     """
-    tile_coords = read_coords_h5(coords_file)
     attrs = tile_coords.attrs
     dataset = TileDataset(source.path, tile_coords.l0_coords, int(attrs["read_level"]), int(attrs["read_px"]),
                           int(attrs["patch_size"]))
@@ -166,9 +166,9 @@ def extract_one(source: SlideSource, job_dir: Path, params: dict[str, Any], stat
     for mag in magnifications:
         tiling = cfg.tile.tiling if mag is None else replace(cfg.tile.tiling, magnification=mag, mpp=None)
         tile_cfg = replace(cfg.tile, tiling=tiling)
-        coords_file = _coords_for(source, job_dir, tile_cfg, fingerprint)
-        feats, xy, failed = encode_slide(source, coords_file, encoder, state.runtime)
-        tile_attrs = read_coords_h5(coords_file).attrs
+        coords_file, tile_coords = _coords_for(source, job_dir, tile_cfg, fingerprint)
+        feats, xy, failed = encode_slide(source, tile_coords, encoder, state.runtime)
+        tile_attrs = tile_coords.attrs
         bag = FeatureBag(
             features=feats, coords=xy, slide_id=source.slide_id, encoder=encoder.spec.name,
             mpp=float(tile_attrs["mpp"]), patch_size_level0=int(tile_attrs["patch_size_level0"]),
