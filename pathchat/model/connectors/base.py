@@ -13,11 +13,15 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
 
 @dataclass
-class ConnectorOutput:
+class ConnectorOutput(ModelOutput):
     """What a connector returns.
+
+    A transformers ``ModelOutput`` (a dict as well as a dataclass), so DeepSpeed ZeRO-3 finds the
+    tensors in it and re-gathers the connector's partitioned weights for the backward pass.
 
     Attributes:
         tokens: `[b, k, d_llm]` slide tokens that replace the `<slide>` placeholders.
@@ -26,8 +30,8 @@ class ConnectorOutput:
             valid tiles), so relevance can be re-weighted by how much an answer attended to each token.
     """
 
-    tokens: Tensor
-    relevance: Tensor
+    tokens: Tensor = None  # type: ignore[assignment]  # ModelOutput fields need defaults
+    relevance: Tensor = None  # type: ignore[assignment]
     token_relevance: Tensor | None = None
 
 

@@ -1,0 +1,1 @@
+"""PathVQA question/answer pairs -> evaluation-questions JSONL (see README.md)."""

@@ -1,0 +1,1 @@
+"""SlideBench-VQA (TCGA) -> evaluation-questions JSONL (see README.md)."""

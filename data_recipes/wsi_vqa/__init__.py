@@ -1,0 +1,1 @@
+"""WSI-VQA -> evaluation-questions JSONL (see README.md)."""

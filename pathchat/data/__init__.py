@@ -1,0 +1,1 @@
+"""Training data: conversation records over cached feature files, rendered, batched and packed."""

@@ -1,0 +1,104 @@
+"""Slide id → cached tile features, with the seeded tile cap shared by training and inference."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pathchat.features.store import FeatureFileError, read_features_h5
+from pathchat.model.connectors.mlp import sample_tile_indices
+
+__all__ = ["MissingFeaturesError", "SlideFeatureStore", "SlideTiles"]
+
+
+class MissingFeaturesError(FileNotFoundError):
+    """A record's slide has no feature file; the message names the slide, the folder and the record."""
+
+
+@dataclass
+class SlideTiles:
+    """One slide's tiles as model inputs."""
+
+    features: Tensor  # float32 [n, d]
+    coords_um: Tensor | None  # float32 [n, 2], top-left in µm; None when the file has no mpp/coords
+    num_tiles_in_file: int  # before the cap
+    sampled: bool  # True when the cap dropped tiles
+
+
+class SlideFeatureStore:
+    """Reads ``<folder>/<slide>.h5`` feature files (a ``features_<encoder>`` folder of an extract job).
+
+    Args:
+        folder: the features folder.
+        max_tiles: cap on tiles per slide; above it ``sample_tile_indices(n, max_tiles, seed)`` picks
+            the same tiles every time, here and at inference (None: no cap).
+        sample_seed: seed of that sampler, recorded in the training config.
+        cache_size: slides kept in memory (an LRU), since every epoch re-reads the same slides.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], max_tiles: int | None = None, sample_seed: int = 0,
+                 cache_size: int = 256):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"features folder not found: {self.folder}")
+        if max_tiles is not None and max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1 or None, got {max_tiles}")
+        self.max_tiles = max_tiles
+        self.sample_seed = sample_seed
+        self._cache: OrderedDict[str, SlideTiles] = OrderedDict()
+        self._cache_size = cache_size
+        self._dim: int | None = None
+
+    def path(self, slide_id: str) -> Path:
+        return self.folder / f"{slide_id}.h5"
+
+    def has(self, slide_id: str) -> bool:
+        return self.path(slide_id).is_file()
+
+    def check(self, slide_id: str, record_id: str | None = None) -> None:
+        """Raise ``MissingFeaturesError`` unless the slide has a feature file."""
+        if not self.has(slide_id):
+            who = f" (record {record_id!r})" if record_id is not None else ""
+            raise MissingFeaturesError(f"no features for slide {slide_id!r}{who}: "
+                                       f"{self.path(slide_id)} does not exist")
+
+    def load(self, slide_id: str, record_id: str | None = None) -> SlideTiles:
+        """The slide's (capped) tiles; errors name the file and the record."""
+        hit = self._cache.get(slide_id)
+        if hit is not None:
+            self._cache.move_to_end(slide_id)
+            return hit
+        self.check(slide_id, record_id)
+        try:
+            bag = read_features_h5(self.path(slide_id))
+        except FeatureFileError as e:
+            who = f" (record {record_id!r})" if record_id is not None else ""
+            raise FeatureFileError(e.path, e.problem + who) from e
+        if len(bag) == 0:
+            raise FeatureFileError(self.path(slide_id), "holds no tiles")
+        if self._dim is None:
+            self._dim = bag.dim
+        elif bag.dim != self._dim:
+            raise FeatureFileError(self.path(slide_id), f"feature width {bag.dim} differs from the "
+                                   f"{self._dim} of earlier slides in {self.folder}")
+        features = torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32))
+        coords_np = bag.coords_um()
+        coords = torch.from_numpy(coords_np.astype(np.float32)) if coords_np is not None else None
+        n = len(bag)
+        sampled = self.max_tiles is not None and n > self.max_tiles
+        if sampled:
+            assert self.max_tiles is not None
+            idx = sample_tile_indices(n, self.max_tiles, self.sample_seed)
+            features = features[idx]
+            coords = coords[idx] if coords is not None else None
+        tiles = SlideTiles(features=features, coords_um=coords, num_tiles_in_file=n, sampled=sampled)
+        self._cache[slide_id] = tiles
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tiles

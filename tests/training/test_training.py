@@ -1,0 +1,130 @@
+"""Stage training on CPU: what trains, checkpoints, exact resume, loss checks, reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from toy_data import stage_overrides
+from transformers import TrainerCallback
+
+from pathchat.model.pretrained import checkpoint_kind, load_pathchat
+from pathchat.training.checkpoints import COMPLETE_MARKER
+from pathchat.training.config import load_stage_config
+from pathchat.training.run import RunAlreadyCompleteError, build_stage_model, train_stage
+from pathchat.training.trainable import select_trainable
+from pathchat.training.trainer import NonFiniteLossError
+
+
+def _cfg(toy, stage, out, **extra):
+    return load_stage_config(None, stage_overrides(toy, stage, out, **extra))
+
+
+def test_trainable_sets_per_stage_are_exact(toy, tmp_path):
+    model, _ = build_stage_model(_cfg(toy, "align", tmp_path / "a"))
+    names = [n for n, _ in model.named_parameters()]
+    connector = {n for n in names if n.startswith("connector.")}
+    assert connector and len(connector) < len(names)
+
+    assert set(select_trainable(model, "align")) == connector
+    assert set(select_trainable(model, "instruct")) == set(names)
+    with pytest.raises(ValueError, match="no LoRA parameters"):
+        select_trainable(model, "instruct", lora=True)
+
+    from pathchat.model.lora import LoraSettings, apply_lora
+
+    apply_lora(model, LoraSettings(r=4, alpha=8))
+    chosen = set(select_trainable(model, "instruct", lora=True))
+    lora = {n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    # 2 layers x 7 projections (q, k, v, o, gate, up, down) x (A, B)
+    assert len(lora) == 2 * 7 * 2
+    assert chosen == connector | lora
+    with pytest.raises(ValueError, match="align"):
+        select_trainable(model, "align", lora=True)
+
+
+def test_align_then_instruct_lora_saves_loadable_checkpoints(toy, tmp_path):
+    r1 = train_stage(_cfg(toy, "align", tmp_path / "align"))
+    assert r1.global_step == 6 and len(r1.losses) == 6
+    assert r1.losses[-1] < r1.losses[0]
+    # tiny base LMs cannot be rebuilt from a name, so the final stage-1 checkpoint is full
+    assert checkpoint_kind(tmp_path / "align") == "full"
+    # intermediate checkpoints hold only what trained (the connector) and are marked complete
+    ckpt = tmp_path / "align" / "checkpoint-6"
+    assert (ckpt / COMPLETE_MARKER).is_file() and (ckpt / "connector.safetensors").is_file()
+    assert not (ckpt / "model.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "align").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+    stage1, _ = load_pathchat(tmp_path / "align")
+    cfg2 = _cfg(toy, "instruct", tmp_path / "inst", **{"model.init_from": str(tmp_path / "align"),
+                                                         "lora.enabled": True, "lora.r": 4})
+    start, _ = build_stage_model(cfg2)
+    for (n, a), (_, b) in zip(stage1.connector.state_dict().items(), start.connector.state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), n  # stage 2 starts from stage 1's connector, exactly
+
+    r2 = train_stage(cfg2)
+    assert r2.num_answers == 2 * 12 and r2.losses[-1] < r2.losses[0]
+    model, tok = load_pathchat(tmp_path / "inst")  # LoRA folded into a full checkpoint
+    assert checkpoint_kind(tmp_path / "inst") == "full"
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert (tmp_path / "inst" / "training_config.yaml").read_text().count("init_from") == 1
+    # the trained connector differs from stage 1's
+    diff = sum(float((a - b).detach().abs().sum()) for a, b in zip(stage1.connector.parameters(),
+                                                            model.connector.parameters(), strict=True))
+    assert diff > 0
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed after saving step {self.step}")
+
+
+def test_resume_reproduces_losses_and_skips_incomplete_checkpoints(toy, tmp_path):
+    extra = {"training.max_steps": 8}
+    full = train_stage(_cfg(toy, "instruct", tmp_path / "full", **extra))
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(_cfg(toy, "instruct", out, **extra), callbacks=[_StopAt(4)])
+    (out / "checkpoint-6").mkdir()  # a save that was killed half-way: no completion marker
+    (out / "checkpoint-6" / "model.safetensors").write_bytes(b"partial")
+    resumed = train_stage(_cfg(toy, "instruct", out, **extra))
+    assert resumed.resumed_from == str(out / "checkpoint-4")
+    later = [h["loss"] for h in resumed.log_history if "loss" in h and h["step"] > 4]
+    expected = [h["loss"] for h in full.log_history if "loss" in h and h["step"] > 4]
+    assert len(later) == 4
+    assert later == pytest.approx(expected, abs=1e-6)
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    with pytest.raises(RunAlreadyCompleteError, match="step 8 of 8"):
+        train_stage(_cfg(toy, "instruct", out, **extra))
+
+
+class _Poison(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == 2:
+            with torch.no_grad():
+                next(model.connector.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_step_and_sample_ids(toy, tmp_path):
+    with pytest.raises(NonFiniteLossError) as err:
+        train_stage(_cfg(toy, "align", tmp_path / "nan"), callbacks=[_Poison()])
+    assert err.value.step == 3
+    assert len(err.value.sample_ids) == 2 and all(s.startswith("align-slide") for s in err.value.sample_ids)
+    assert "step 3" in str(err.value) and err.value.sample_ids[0] in str(err.value)
+
+
+def test_missing_features_error_names_slide_and_record(toy, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "r1", "slide": "nope", "conversations": [
+        {"from": "human", "value": "<slide>\nHi"}, {"from": "gpt", "value": "Hello."}]}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"slide 'nope' \(record 'r1'\)"):
+        train_stage(_cfg(toy, "align", tmp_path / "o", **{"data.train": [str(bad)]}))
