@@ -422,15 +422,14 @@ def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
     """Answer `asks` in batches, appending each batch's rows to `pred_path`. Returns how many were asked."""
     import torch
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     from pathchat.model.generation import generate_batch
-    from pathchat.model.modeling import PathChatForConditionalGeneration
+    from pathchat.model.pretrained import load_pathchat
 
     assert cfg.model is not None
     device = _device(cfg.device)
-    model = PathChatForConditionalGeneration.from_pretrained(cfg.model).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    # Full, connector-only (stage 1) and LoRA checkpoints alike, told apart by their files.
+    model, tokenizer = load_pathchat(cfg.model, device=device)
     cache = _FeatureCache()
     # Same kind and slide together: similar prompt lengths and tile counts, and the cache stays warm.
     asks = sorted(asks, key=lambda a: (a.question.kind, str(a.features_from), a.condition, a.question.id))

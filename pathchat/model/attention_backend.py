@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "choose_attn_implementation", "flash_attn_available"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "choose_attn_implementation", "default_dtype", "flash_attn_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,14 @@ def flash_attn_available() -> bool:
     except Exception:  # ImportError, or a broken CUDA build failing at import
         return False
     return True
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The compute dtype a model loads with when none is given: bf16 on CUDA, fp32 elsewhere.
+
+    CPUs lack fast bf16 matmuls on most machines and fp16 is unsafe for training, so fp32 there.
+    """
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def _flash_blockers(device: torch.device, dtype: torch.dtype) -> list[str]:

@@ -13,6 +13,11 @@ says so.
 to the longest slide with `tile_mask`), and `answer_relevance` turns the connector's per-token
 tile weights into one per-tile map per answer, weighted by the answer's attention to the slide
 tokens.
+
+Context length: a turn whose prompt plus `max_new_tokens` exceeds the language model's
+`max_position_embeddings` is refused before anything runs, with both numbers in the error
+(`check_context`); old turns are never dropped silently. `<slide>` and the placeholder are never
+generated (their logits are masked), so their embeddings never reach the language model.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ __all__ = [
     "ChatSession",
     "BatchGeneration",
     "answer_relevance",
+    "check_context",
     "end_of_turn_ids",
     "generate_batch",
     "generate_batch_ids",
+    "max_context",
+    "suppressed_ids",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +88,36 @@ def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: floa
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def max_context(model: PathChatForConditionalGeneration) -> int | None:
+    """The language model's `max_position_embeddings` (None when its config has none)."""
+    value = getattr(model.config.text_config, "max_position_embeddings", None)
+    return int(value) if value is not None else None
+
+
+def check_context(model: PathChatForConditionalGeneration, prompt_tokens: int, max_new_tokens: int,
+                  where: str) -> None:
+    """Raise when prompt + answer budget cannot fit the language model's positions.
+
+    The policy is to refuse, never to truncate silently: old turns hold the slide tokens (on the
+    first turn) and the context the answer depends on, so the caller decides what to drop
+    (start a new `ChatSession`, ask shorter, lower `max_new_tokens`).
+
+    Raises:
+        ValueError: naming the prompt length, max_new_tokens, their sum and the model's limit.
+    """
+    limit = max_context(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"{where}: the prompt is {prompt_tokens} tokens (slide tokens included) and "
+                         f"max_new_tokens is {max_new_tokens}, {prompt_tokens + max_new_tokens} in all, "
+                         f"but the language model's max_position_embeddings is {limit}; start a new "
+                         "session, shorten the conversation or lower max_new_tokens")
+
+
+def suppressed_ids(model: PathChatForConditionalGeneration) -> list[int]:
+    """Ids never generated: `<slide>` and the placeholder (their embeddings must not reach the LM)."""
+    return [int(i) for i in (model.config.slide_token_id, model.config.slide_placeholder_id) if i is not None]
 
 
 def _text_delta(tokenizer: PreTrainedTokenizerBase, ids: list[int], emitted: str, final: bool) -> str:
@@ -158,6 +196,7 @@ class ChatSession:
         self.full_recomputes = 0
         self.connector_runs = 0
         self.stop_ids = end_of_turn_ids(tokenizer, model)
+        self.suppress_ids = suppressed_ids(model)
         self.cache: DynamicCache | None = None
         self.cached_ids: list[int] = []  # exactly the ids whose keys/values are in self.cache
         self.answer_ids: list[list[int]] = []  # generated ids per turn (end-of-turn token included)
@@ -238,6 +277,11 @@ class ChatSession:
         Returns:
             The answer text, or with `stream=True` an iterator of text pieces whose concatenation
             is the same text (the session is updated when the iterator ends or is closed).
+
+        Raises:
+            ValueError: the conversation so far plus this question plus `max_new_tokens` exceeds
+                the language model's `max_position_embeddings` (both numbers named; checked before
+                anything runs). Old turns are never dropped silently: start a new session.
         """
         settings = dict(self.defaults)
         for name, value in (("max_new_tokens", max_new_tokens), ("do_sample", do_sample),
@@ -258,12 +302,14 @@ class ChatSession:
             question = f"{SLIDE_TOKEN}\n{question}"
         if not first and SLIDE_TOKEN in question:
             raise ValueError(f"ChatSession: only the first question may contain {SLIDE_TOKEN}")
-        self.render([*self.messages, {"role": "user", "content": question}])  # raise early
-        return self._generate(question, max_new_tokens, do_sample, temperature, top_p, top_k)
+        prompt = self.render([*self.messages, {"role": "user", "content": question}])  # raise early
+        check_context(self.model, len(prompt), max_new_tokens, "ChatSession")
+        return self._generate(question, (len(self.messages), prompt), max_new_tokens, do_sample, temperature,
+                              top_p, top_k)
 
     @torch.no_grad()
-    def _generate(self, question: str, max_new_tokens: int, do_sample: bool, temperature: float,
-                  top_p: float, top_k: int) -> Iterator[str]:
+    def _generate(self, question: str, rendered: tuple[int, list[int]], max_new_tokens: int, do_sample: bool,
+                  temperature: float, top_p: float, top_k: int) -> Iterator[str]:
         if self._busy:
             raise RuntimeError("ChatSession: finish (or close) the previous streamed answer first")
         self._busy = True
@@ -272,9 +318,16 @@ class ChatSession:
         emitted = ""
         device = self._device()
         try:
-            target = self.render(messages)
+            # `_ask` rendered the prompt already; render again only if the conversation moved on
+            # since (another answer finished between creating this stream and starting it).
+            history_length, target = rendered
+            if history_length != len(self.messages):
+                target = self.render(messages)
+                check_context(self.model, len(target), max_new_tokens, "ChatSession")
+            suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device)
             logits = self._prefill(target)
             for _ in range(max_new_tokens):
+                logits = logits.index_fill(0, suppress, float("-inf"))  # a copy: last_logits keep theirs
                 token = int(_next_token(logits.unsqueeze(0), do_sample, temperature, top_p, top_k,
                                         self.generator)[0])
                 generated.append(token)
@@ -287,10 +340,10 @@ class ChatSession:
                 if len(generated) == max_new_tokens:
                     break
                 assert self.cache is not None
-                out = self.model(input_ids=torch.tensor([[token]], device=device),
-                                 attention_mask=torch.ones(1, len(self.cached_ids) + 1,
-                                                           dtype=torch.long, device=device),
-                                 cache=self.cache, use_cache=True)
+                # One unpadded sequence: no attention mask (the causal mask follows the cache),
+                # which spares the language model its per-step mask checks.
+                out = self.model(input_ids=torch.tensor([[token]], device=device), cache=self.cache,
+                                 use_cache=True)
                 self.cached_ids.append(token)
                 logits = out.logits[0, -1]
             piece = _text_delta(self.tokenizer, generated, emitted, final=True)
@@ -421,6 +474,10 @@ def generate_batch_ids(
     Returns:
         A `BatchGeneration`: the answer texts, plus the ids, masks and padded tiles for
         `answer_relevance`.
+
+    Raises:
+        ValueError: the longest prompt plus `max_new_tokens` exceeds the language model's
+            `max_position_embeddings` (both numbers named), before anything runs.
     """
     if not items:
         raise ValueError("generate_batch_ids: no items")
@@ -440,6 +497,7 @@ def generate_batch_ids(
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p):] = torch.tensor(p)
         attention_mask[i, width - len(p):] = 1
+    check_context(model, width, max_new_tokens, "generate_batch")
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     tiles = _pad_tiles([(f, c) for f, c, _ in items], device)
     stop_ids = torch.tensor(sorted(end_of_turn_ids(tokenizer, model)), device=device)
@@ -452,8 +510,9 @@ def generate_batch_ids(
     generated: list[Tensor] = []
     alive: list[Tensor] = []  # per step, which rows were still answering when it was generated
     next_pos = position_ids[:, -1] + 1
+    suppress = torch.tensor(suppressed_ids(model), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(dim=-1)
+        token = out.logits[:, -1].index_fill(1, suppress, float("-inf")).argmax(dim=-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         generated.append(token)
         alive.append(~done)

@@ -6,6 +6,10 @@ check), and the language model does the rest. The connector runs only on the pre
 `generate`: `prepare_inputs_for_generation` forwards tile inputs only when `is_first_iteration`
 (or without a cache), exactly as transformers drops `pixel_values` after prefill for LLaVA.
 `save_pretrained` writes safetensors plus a sha256 manifest that `from_pretrained` verifies.
+`build_pathchat` and `from_pretrained` pick the attention kernel once (`choose_attn_implementation`:
+FlashAttention-2 on CUDA with bf16/fp16 when installed, else SDPA; overridable) and default to
+bf16 on CUDA, fp32 on CPU. The slide tokens never reach the language model as embeddings (see
+`init_slide_embeddings`), so their rows need no training under LoRA.
 Importing this module registers the model with `AutoModelForCausalLM` and
 `AutoModelForImageTextToText` (no `trust_remote_code`).
 """
@@ -13,6 +17,7 @@ Importing this module registers the model with `AutoModelForCausalLM` and
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from pathchat.model.attention_backend import choose_attn_implementation, default_dtype
 from pathchat.model.checkpoint import verify_manifest as verify_checkpoint_manifest
 from pathchat.model.checkpoint import write_manifest
 from pathchat.model.configuration import PathChatConfig
@@ -41,7 +47,10 @@ __all__ = [
     "PathChatCausalLMOutputWithPast",
     "PathChatForConditionalGeneration",
     "build_pathchat",
+    "init_slide_embeddings",
 ]
+
+logger = logging.getLogger(__name__)
 
 TILE_INPUT_NAMES = ("tile_features", "tile_coords", "tile_mask", "tile_scale")
 """Forward arguments that feed the connector; `generate` passes them on the prefill step only."""
@@ -101,6 +110,13 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 setattr(module, "_is_hf_initialized", True)  # noqa: B010
         self.language_model = language_model
         self.post_init()
+        # Never generate the slide tokens: their embeddings must not reach the language model.
+        if self.generation_config is not None:
+            suppress = list(self.generation_config.suppress_tokens or [])
+            for token_id in (config.slide_token_id, config.slide_placeholder_id):
+                if token_id is not None and int(token_id) not in suppress:
+                    suppress.append(int(token_id))
+            self.generation_config.suppress_tokens = suppress or None
 
     # ----------------------------------------------------------------- embeddings (delegated)
 
@@ -287,22 +303,75 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any,
-        verify_manifest: bool = True, **kwargs: Any,
+        verify_manifest: bool = True, attn_implementation: str | None = None,
+        device: torch.device | str | None = None, **kwargs: Any,
     ) -> PathChatForConditionalGeneration:
-        """Verify the folder's manifest, then `PreTrainedModel.from_pretrained`.
+        """Verify the folder's manifest, then `PreTrainedModel.from_pretrained` on `device`.
 
         Args:
             pretrained_model_name_or_path: a local checkpoint folder saved by `save_pretrained`.
             verify_manifest: False skips the check (for folders from elsewhere, hub ids).
+            attn_implementation: "eager", "sdpa" or "flash_attention_2" to force one; None chooses
+                once (`choose_attn_implementation`: FlashAttention-2 on CUDA with bf16/fp16 when
+                installed, else SDPA) and logs the choice.
+            device: where the model goes (default CPU; ignored when `device_map` is passed).
+            kwargs: for `PreTrainedModel.from_pretrained`; `dtype` (or `torch_dtype`) defaults to
+                `default_dtype(device)`: bf16 on CUDA, fp32 on CPU.
 
         Raises:
             ManifestError: missing manifest, missing file, or a file whose sha256 differs (named).
+            ValueError: an unknown attention implementation, or flash_attention_2 where it cannot run.
         """
         if verify_manifest:
             verify_checkpoint_manifest(Path(pretrained_model_name_or_path))
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        target = torch.device(device if device is not None else "cpu")
+        dtype = _as_dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None), target)
+        implementation = choose_attn_implementation(target, dtype, attn_implementation)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, dtype=dtype,
+                                        attn_implementation=implementation, **kwargs)
         assert isinstance(model, PathChatForConditionalGeneration)
+        model.set_attn_implementation(implementation)  # the language model's config too
+        if "device_map" not in kwargs and not _is_quantized(model):
+            nn.Module.to(model, target)  # (transformers' typed wrapper of `to` confuses mypy)
         return model
+
+
+def _as_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a dtype, its name ("bfloat16"), or None (the device's default)."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+    return resolved
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None)
+
+
+@torch.no_grad()
+def init_slide_embeddings(model: PathChatForConditionalGeneration) -> None:
+    """Set the `<slide>` and placeholder rows of the input (and untied output) embeddings to the mean row.
+
+    Neither token ever reaches the language model as an embedding: `<slide>` is expanded into
+    placeholders at render time, placeholders are overwritten by connector outputs, and generation
+    suppresses both ids (`generation_config.suppress_tokens`). The rows are set to the mean of the
+    other rows anyway, so a stray id would look like an average token rather than noise.
+    """
+    ids = [int(i) for i in (model.config.slide_token_id, model.config.slide_placeholder_id) if i is not None]
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    done: set[int] = set()
+    for layer in layers:
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, Tensor) or id(weight) in done or weight.dim() != 2:
+            continue
+        done.add(id(weight))
+        keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        keep[ids] = False
+        weight[ids] = weight[keep].float().mean(dim=0).to(weight.dtype)
 
 
 def build_pathchat(
@@ -310,6 +379,10 @@ def build_pathchat(
     tokenizer: PreTrainedTokenizerBase,
     feature_dim: int,
     connector: ConnectorConfig | dict[str, Any] | None = None,
+    *,
+    attn_implementation: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> PathChatForConditionalGeneration:
     """PathChat around a language model, with slide tokens added to the tokenizer.
 
@@ -320,9 +393,21 @@ def build_pathchat(
         tokenizer: gets `<slide>` and the placeholder as special tokens (in place, idempotent).
         feature_dim: d_enc of the cached tile features.
         connector: connector config (object or type-tagged dict); None is the default connector.
+        attn_implementation: "eager", "sdpa" or "flash_attention_2" to force one. None chooses
+            once for a new model (FlashAttention-2 on CUDA with bf16/fp16 when installed, else
+            SDPA) and keeps an adopted model's own (chosen when it was loaded); logged.
+        device: where the model goes; None keeps an adopted model where it is, else CPU.
+        dtype: compute dtype; None is bf16 on CUDA, fp32 on CPU for a new model (or when `device`
+            is given), and leaves an adopted model's dtype alone (its connector stays float32).
+            A quantised language model keeps its own; only the connector is cast.
 
     Returns:
-        The model, with embeddings covering `len(tokenizer)` and the slide ids in its config.
+        The model, with embeddings covering `len(tokenizer)`, the slide ids in its config, their
+        embedding rows set to the mean row (`init_slide_embeddings`) and both ids suppressed in
+        generation.
+
+    Raises:
+        ValueError: an unknown attention implementation, or flash_attention_2 where it cannot run.
     """
     slide_id, placeholder_id = add_slide_tokens(tokenizer)
     language_model: PreTrainedModel | None = None
@@ -333,6 +418,20 @@ def build_pathchat(
         text_config = copy.deepcopy(language_model_config_or_model)
     else:
         text_config = copy.deepcopy(dict(language_model_config_or_model))
+    if language_model is not None:
+        # An adopted model was placed and given its kernel when it was loaded: keep both unless asked.
+        target = torch.device(device) if device is not None else next(language_model.parameters()).device
+        compute_dtype = _as_dtype(dtype, target) if dtype is not None or device is not None else None
+        if attn_implementation is None:
+            implementation = str(language_model.config._attn_implementation)
+            logger.info("attention implementation kept from the adopted language model: %s", implementation)
+        else:
+            implementation = choose_attn_implementation(target, compute_dtype or language_model.dtype,
+                                                        attn_implementation)
+    else:
+        target = torch.device(device if device is not None else "cpu")
+        compute_dtype = _as_dtype(dtype, target)
+        implementation = choose_attn_implementation(target, compute_dtype, attn_implementation)
     config = PathChatConfig(
         text_config=text_config,
         connector=connector if not isinstance(connector, ConnectorConfig) else connector.to_dict(),
@@ -345,6 +444,14 @@ def build_pathchat(
     assert isinstance(embeddings, nn.Embedding)
     if embeddings.num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    init_slide_embeddings(model)
+    model.set_attn_implementation(implementation)
+    if compute_dtype is None:  # adopted model left as it is; the connector joins it (in float32)
+        model.connector.to(device=target)
+    elif _is_quantized(model.language_model):
+        model.connector.to(device=target, dtype=compute_dtype)
+    else:
+        nn.Module.to(model, device=target, dtype=compute_dtype)
     return model
 
 

@@ -148,6 +148,8 @@ def load_pathchat(
             kwargs["attn_implementation"] = attn_implementation
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if device is not None:
+            kwargs["device"] = device  # bf16 and flash-attention are chosen for the target device
         model = PathChatForConditionalGeneration.from_pretrained(folder, **kwargs)
     else:
         if verify:

