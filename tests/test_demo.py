@@ -1,25 +1,42 @@
-"""`make demo` runs end to end and says where its outputs are."""
+"""`make demo` runs end to end: slides -> tiles -> features -> (cached) trained model -> reports."""
 
 from __future__ import annotations
 
-from pathchat.demo import main
-from pathchat.features.store import read_features_h5
-from pathchat.wsi.coords import read_coords_h5
+import json
+
+from pathchat.demo import demo_model_dir, main
 
 
-def test_demo_tiles_three_synthetic_slides(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "job")]) == 0
+def test_demo_chats_with_three_new_slides(demo_model, tmp_path, capsys):
+    cache, ckpt, summary = demo_model
+    job = tmp_path / "job"
+    assert main(["--out", str(job), "--cache", str(cache), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "tiling: done 3 / skipped 0 / failed 0" in out
-    assert "extraction: done 3 / skipped 0 / failed 0" in out
-    folder = tmp_path / "job" / "20x_256px_0px_overlap"
-    counts = {}
-    for name in ("demo_40x_aperio", "demo_20x_generic", "demo_20x_six_classes"):
-        assert str(folder / "visualization" / f"{name}.png") in out
-        coords = read_coords_h5(folder / "patches" / f"{name}.h5")
-        assert coords.attrs["target_mpp"] == 0.5
-        counts[name] = len(coords.l0_coords)
-    # deterministic slides give deterministic grids (measured once, asserted exactly)
-    assert counts == {"demo_40x_aperio": 47, "demo_20x_generic": 67, "demo_20x_six_classes": 116}
-    bag = read_features_h5(folder / "features_random-vit-tiny" / "demo_20x_generic.h5")
-    assert bag.features.shape == (67, 192)
+    assert "no cached demo model" not in out  # the session's trained model was reused
+    assert f"{summary['heldout_accuracy']:.1%}" in out
+    reports = sorted((job / "reports").glob("*.json"))
+    assert [p.stem for p in reports] == ["demo-00", "demo-01", "demo-02"]
+    correct = total = 0
+    for path in reports:
+        report = json.loads(path.read_text())
+        assert (job / "reports" / f"{path.stem}.md").read_text().startswith(f"# {path.stem}")
+        assert report["tiles"] > 0 and len(report["turns"]) == 4
+        assert report["turns"][0]["question"] == "Write a short report of this slide."
+        # the KV cache is reused: follow-up turns prefill only their own tokens
+        assert all(n < report["prefill_tokens"][0] for n in report["prefill_tokens"][1:])
+        for turn in report["turns"]:
+            assert turn["answer"].strip()
+            assert len(turn["top_tiles_level0_xy"]) == min(3, report["tiles"])
+        for turn in report["turns"][1:3]:  # dominant class, classes present
+            total += 1
+            correct += turn["answer"].strip().lower() == turn["truth"].lower()
+    # 6 open questions about slides the model never saw (6 classes; a random answer is rarely exact)
+    assert correct >= 3, out
+
+
+def test_demo_model_cache_key_follows_the_recipe_config(demo_model):
+    from data_recipes.synthetic.learn import LearnConfig
+
+    cache, ckpt, _ = demo_model
+    assert demo_model_dir(cache, LearnConfig()) == ckpt.parent
+    assert demo_model_dir(cache, LearnConfig(instruct_epochs=1.0)) != ckpt.parent

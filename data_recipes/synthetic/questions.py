@@ -109,7 +109,7 @@ class QAItem:
         return format_closed_question(self.question, self.options)
 
     def assistant_text(self) -> str:
-        """The training target: `"B) option"` for closed questions, the answer otherwise."""
+        """The training target: the option text for closed questions, the answer otherwise."""
         if self.options is None or self.answer_index is None:
             return self.answer
         return closed_answer_text(self.options, self.answer_index)

@@ -39,11 +39,12 @@ class SlideFeatureStore:
         max_tiles: cap on tiles per slide; above it ``sample_tile_indices(n, max_tiles, seed)`` picks
             the same tiles every time, here and at inference (None: no cap).
         sample_seed: seed of that sampler, recorded in the training config.
-        cache_size: slides kept in memory (an LRU), since every epoch re-reads the same slides.
+        cache_bytes: feature bytes kept in memory (an LRU over slides), since every epoch re-reads
+            the same slides; a slide of 10k tiles x 1536 floats is 60 MB, a synthetic one 4 KB.
     """
 
     def __init__(self, folder: str | os.PathLike[str], max_tiles: int | None = None, sample_seed: int = 0,
-                 cache_size: int = 256):
+                 cache_bytes: int = 1 << 30):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"features folder not found: {self.folder}")
@@ -52,7 +53,8 @@ class SlideFeatureStore:
         self.max_tiles = max_tiles
         self.sample_seed = sample_seed
         self._cache: OrderedDict[str, SlideTiles] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self._cached = 0
         self._dim: int | None = None
 
     def path(self, slide_id: str) -> Path:
@@ -67,6 +69,29 @@ class SlideFeatureStore:
             who = f" (record {record_id!r})" if record_id is not None else ""
             raise MissingFeaturesError(f"no features for slide {slide_id!r}{who}: "
                                        f"{self.path(slide_id)} does not exist")
+
+    def statistics(self, slide_ids: list[str], max_slides: int = 256, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Per-dimension mean and std of tile features over (a seeded sample of) these slides.
+
+        Each slide weighs by its (capped) tile count; float64 sums, so any number of tiles is exact.
+        """
+        unique = sorted(set(slide_ids))
+        if not unique:
+            raise ValueError("no slides to compute feature statistics from")
+        if len(unique) > max_slides:
+            keep = sample_tile_indices(len(unique), max_slides, seed).tolist()
+            unique = [unique[i] for i in keep]
+        total = sq = None
+        count = 0
+        for sid in unique:
+            x = self.load(sid).features.double()
+            total = x.sum(0) if total is None else total + x.sum(0)
+            sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+            count += x.shape[0]
+        assert total is not None and sq is not None
+        mean = total / count
+        var = (sq / count - mean * mean).clamp_min(0)
+        return mean.float(), var.sqrt().float()
 
     def load(self, slide_id: str, record_id: str | None = None) -> SlideTiles:
         """The slide's (capped) tiles; errors name the file and the record."""
@@ -98,7 +123,18 @@ class SlideFeatureStore:
             features = features[idx]
             coords = coords[idx] if coords is not None else None
         tiles = SlideTiles(features=features, coords_um=coords, num_tiles_in_file=n, sampled=sampled)
-        self._cache[slide_id] = tiles
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        size = _nbytes(tiles)
+        if size <= self._cache_bytes:
+            self._cache[slide_id] = tiles
+            self._cached += size
+            while self._cached > self._cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= _nbytes(old)
         return tiles
+
+
+def _nbytes(tiles: SlideTiles) -> int:
+    n = tiles.features.element_size() * tiles.features.nelement()
+    if tiles.coords_um is not None:
+        n += tiles.coords_um.element_size() * tiles.coords_um.nelement()
+    return int(n)

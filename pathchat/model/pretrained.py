@@ -160,6 +160,7 @@ def load_pathchat(
         assert isinstance(embeddings, torch.nn.Embedding)
         if embeddings.num_embeddings < len(tokenizer):
             lm.resize_token_embeddings(len(tokenizer))
+        config.text_config = lm.config  # the model adopts the rebuilt LM and its (resized) config
         model = PathChatForConditionalGeneration(config, language_model=lm)
         if kind == "lora":
             from pathchat.model.lora import load_lora

@@ -9,6 +9,7 @@ checkpoints. Size a model's embedding with ``len(tokenizer)`` (added tokens incl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -104,12 +105,15 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 11 12 100 2024 and punctuation: , . ; : ! ? ( ) [
 """
 
 
-def build_test_tokenizer(style: str = "qwen2", vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_test_tokenizer(style: str = "qwen2", vocab_size: int = 1024,
+                         corpus: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE in memory and dress it as a ``style`` chat tokenizer.
 
     Args:
         style: "qwen2" (ChatML) or "llama3".
         vocab_size: target BPE vocabulary, special tokens included (the corpus may yield fewer).
+        corpus: extra training lines (e.g. a dataset's own text, so a tiny model trained from
+            scratch on it sees whole words instead of letters).
 
     Returns:
         A fast tokenizer with the family's special tokens, eos/pad/bos and ``chat_template``.
@@ -130,7 +134,7 @@ def build_test_tokenizer(style: str = "qwen2", vocab_size: int = 1024) -> PreTra
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
         show_progress=False,
     )
-    backend.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    backend.train_from_iterator([*_CORPUS.splitlines(), *corpus], trainer=trainer)
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

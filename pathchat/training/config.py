@@ -60,6 +60,7 @@ class DataConfig:
     pack_by_slide: bool = True  # all questions about one slide in one sequence
     system_prompt: str | None = None
     skip_invalid: bool = False  # count and leave out bad records instead of failing
+    standardize_features: bool = True  # fresh connectors learn per-dimension feature statistics first
 
 
 @dataclass

@@ -219,6 +219,16 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
                                            prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
                                            system_prompt=cfg.data.system_prompt,
                                            skip_invalid=cfg.data.skip_invalid, progress=False)
+    if cfg.data.standardize_features and not (cfg.stage == "instruct" and cfg.model.init_from):
+        # A fresh connector: its standardiser gets the training slides' statistics (stage 2 keeps
+        # stage 1's, which are part of the loaded weights).
+        from pathchat.model.connectors.base import set_feature_statistics
+
+        slides = [s.slide for s in dataset.samples if s.slide is not None]
+        mean, std = store.statistics(slides, seed=cfg.data.tile_sample_seed)
+        set_feature_statistics(model.connector, mean, std)
+        logger.info("feature statistics from %d slides: mean |x| %.4g, mean std %.4g", len(set(slides)),
+                    float(mean.abs().mean()), float(std.mean()))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")

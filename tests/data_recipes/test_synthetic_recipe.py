@@ -206,7 +206,8 @@ def test_answers_follow_from_the_kept_tiles(built: Path) -> None:
             if QUESTION_TYPES[cat].kind == "closed":
                 question, options = _parse_closed(text)
                 assert format_closed_question(question, options) == text
-                idx = LETTERS.index(gpt["value"][0])
+                assert gpt["value"] in options  # the answer is an option's text
+                idx = options.index(gpt["value"])
                 assert gpt["value"] == closed_answer_text(options, idx)
                 assert _expected_ok(cat, question, options[idx], options, pixels[rec["slide"]]), (rec["id"], text)
             else:
@@ -251,9 +252,10 @@ def test_answer_letters_are_balanced_per_question_type() -> None:
     letters: dict[str, Counter] = {}
     for rec in records["instruct"]:
         conv = rec["conversations"]
-        for gpt, cat in zip(conv[1::2], rec["meta"]["categories"], strict=True):
+        for user, gpt, cat in zip(conv[::2], conv[1::2], rec["meta"]["categories"], strict=True):
             if QUESTION_TYPES[cat].kind == "closed":
-                letters.setdefault(cat, Counter())[gpt["value"][0]] += 1
+                _, options = _parse_closed(user["value"].removeprefix("<slide>\n"))
+                letters.setdefault(cat, Counter())[LETTERS[options.index(gpt["value"])]] += 1
     for q in records["heldout_questions"]:
         if q["kind"] == "closed":
             letters.setdefault("heldout/" + q["category"], Counter())[q["answer"]] += 1

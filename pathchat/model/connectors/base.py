@@ -89,6 +89,42 @@ class Connector(nn.Module):
         raise NotImplementedError
 
 
+class FeatureStandardizer(nn.Module):
+    """Per-dimension ``(x - mean) / std`` with the encoder's feature statistics on the training slides.
+
+    Encoder features share a large common component (every tile looks like "tissue"); what tells
+    tiles apart is a small per-dimension variation, which a freshly initialised connector barely
+    sees. Standardising with dataset statistics puts that variation at unit scale. The statistics
+    are buffers, saved with the weights, so inference standardises exactly as training did. The
+    identity until ``set_feature_statistics`` is called.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+def set_feature_statistics(connector: nn.Module, mean: Tensor, std: Tensor, min_std: float = 1e-6) -> None:
+    """Load per-dimension feature statistics into every standardiser of a connector."""
+    layers = [m for m in connector.modules() if isinstance(m, FeatureStandardizer)]
+    if not layers:
+        raise ValueError(f"{type(connector).__name__} has no FeatureStandardizer")
+    for layer in layers:
+        if tuple(mean.shape) != tuple(layer.mean.shape) or tuple(std.shape) != tuple(layer.std.shape):
+            raise ValueError(f"feature statistics of shape {tuple(mean.shape)} do not fit a connector for "
+                             f"{layer.mean.shape[0]}-dimensional features")
+        with torch.no_grad():
+            layer.mean.copy_(mean.to(layer.mean))
+            layer.std.copy_(std.to(layer.std).clamp_min(min_std))
+
+
 def check_inputs(tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
                  tile_scale: Tensor | None) -> tuple[Tensor, Tensor]:
     """Validate the shared inputs and return `(tile_mask [b, n] bool, tile_scale [b, n] long)`.

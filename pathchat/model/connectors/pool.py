@@ -15,6 +15,7 @@ from pathchat.model.connectors.base import (
     Connector,
     ConnectorConfig,
     ConnectorOutput,
+    FeatureStandardizer,
     check_inputs,
     normalise_relevance,
 )
@@ -53,7 +54,9 @@ class PoolConnector(Connector):
         super().__init__()
         self.config = config
         self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(nn.Linear(feature_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        self.mlp = nn.Sequential(FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim),
+                                 nn.Linear(feature_dim, llm_dim), nn.GELU(),
+                                 nn.Linear(llm_dim, llm_dim))  # per-tile normalisation: any encoder's scale
         self.empty_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,

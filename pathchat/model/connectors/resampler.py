@@ -16,6 +16,7 @@ from pathchat.model.connectors.base import (
     Connector,
     ConnectorConfig,
     ConnectorOutput,
+    FeatureStandardizer,
     check_inputs,
     normalise_relevance,
 )
@@ -69,7 +70,10 @@ class ResamplerConnector(Connector):
         self.config = config
         self.num_tokens = config.num_tokens
         d = config.hidden_dim
-        self.tile_proj = nn.Linear(feature_dim, d)
+        # Dataset statistics, then per-tile normalisation: any encoder's feature scale fits one
+        # initialisation and learning rate.
+        self.tile_proj = nn.Sequential(FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim),
+                                       nn.Linear(feature_dim, d))
         self.latents = nn.Parameter(torch.randn(config.num_latents, d) * 0.02)
         self.transformer = QueryTransformer(d, config.num_heads, config.num_layers, config.ffn_ratio,
                                             num_kv_heads=config.num_kv_heads)
@@ -79,7 +83,7 @@ class ResamplerConnector(Connector):
                 tile_scale: Tensor | None = None) -> ConnectorOutput:
         """`[b, n, d_enc]` -> `[b, k, d_llm]`; coordinates and scale are ignored."""
         tile_mask, _ = check_inputs(tile_features, tile_coords_um, tile_mask, tile_scale)
-        memory = self.tile_proj(tile_features.to(self.tile_proj.weight.dtype))
+        memory = self.tile_proj(tile_features.to(self.out_proj.weight.dtype))
         queries = self.latents.expand(tile_features.shape[0], -1, -1)
         queries, token_relevance = self.transformer(queries, memory, tile_mask)
         relevance = normalise_relevance(token_relevance.mean(dim=1), tile_mask)

@@ -18,6 +18,7 @@ from pathchat.model.connectors.base import (
     Connector,
     ConnectorConfig,
     ConnectorOutput,
+    FeatureStandardizer,
     check_inputs,
     normalise_relevance,
 )
@@ -89,12 +90,18 @@ class ScaleInvariantConnector(Connector):
         self.config = config
         self.num_tokens = config.num_tokens
         d = config.hidden_dim
-        self.tile_proj = nn.Linear(feature_dim, d)
+        # Dataset statistics, then per-tile normalisation: any encoder's feature scale fits one
+        # initialisation and learning rate.
+        self.tile_proj = nn.Sequential(FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim),
+                                       nn.Linear(feature_dim, d))
         self.positions = FourierPositions(config.num_frequencies, config.min_wavelength_um,
                                           config.max_wavelength_um, d, num_scales=config.num_scales)
         self.cell_embedding = nn.Parameter(torch.randn(config.grid_size**2, d) * 0.02)
         self.empty_cell = nn.Parameter(torch.zeros(d))
         self.latents = nn.Parameter(torch.randn(config.num_latents, d) * 0.02)
+        # Averages forget how much tissue there is; log tile counts (per cell, and of the slide for
+        # the latents) put extent back into the queries.
+        self.count_proj = nn.Linear(1, d)
         self.transformer = QueryTransformer(d, config.num_heads, config.num_layers, config.ffn_ratio,
                                             num_kv_heads=config.num_kv_heads)
         self.out_proj = nn.Linear(d, llm_dim)
@@ -107,13 +114,17 @@ class ScaleInvariantConnector(Connector):
             raise ValueError(f"tile_scale values must be in [0, {self.config.num_scales})")
         b = tile_features.shape[0]
         g = self.config.grid_size
-        content = self.tile_proj(tile_features.to(self.tile_proj.weight.dtype))  # [b, n, d]
+        content = self.tile_proj(tile_features.to(self.out_proj.weight.dtype))  # [b, n, d]
         rel_um, extent_um = relative_coords_um(tile_coords_um, tile_mask)
         memory = content + self.positions(rel_um, tile_scale)  # positions include the scale embedding
 
         pooled, counts = masked_grid_mean(content, grid_cells(rel_um, extent_um, g), tile_mask, g * g)
         grid_queries = torch.where(counts[..., None] > 0, pooled, self.empty_cell) + self.cell_embedding
-        queries = torch.cat([grid_queries, self.latents.expand(b, -1, -1)], dim=1)
+        log_counts = torch.log1p(counts.to(content.dtype))[..., None]  # [b, g*g, 1]
+        grid_queries = grid_queries + self.count_proj(log_counts)
+        total = torch.log1p(tile_mask.sum(dim=1, keepdim=True).to(content.dtype))[..., None]  # [b, 1, 1]
+        latents = self.latents.expand(b, -1, -1) + self.count_proj(total)
+        queries = torch.cat([grid_queries, latents], dim=1)
 
         queries, token_relevance = self.transformer(queries, memory, tile_mask)
         tokens = self.out_proj(queries)
