@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pathchat.demo import demo_model_dir, main
 
 
+@pytest.mark.timeout(1800)  # trains the demo model when this test runs first
 def test_demo_chats_with_three_new_slides(demo_model, tmp_path, capsys):
     cache, ckpt, summary = demo_model
     job = tmp_path / "job"
@@ -34,6 +37,7 @@ def test_demo_chats_with_three_new_slides(demo_model, tmp_path, capsys):
     assert correct >= 3, out
 
 
+@pytest.mark.timeout(1800)
 def test_demo_model_cache_key_follows_the_recipe_config(demo_model):
     from data_recipes.synthetic.learn import LearnConfig
 

@@ -6,7 +6,10 @@ stage 2, evaluation); `make learnability` runs the same recipe from scratch and 
 
 from __future__ import annotations
 
+import pytest
 
+
+@pytest.mark.timeout(1800)  # the session's first use of demo_model trains it (about 5 minutes)
 def test_heldout_accuracy_and_negative_controls(demo_model):
     _, ckpt, s = demo_model
     print({k: s[k] for k in ("heldout_accuracy", "shuffled_features_accuracy", "zeroed_features_accuracy",
