@@ -142,10 +142,11 @@ def _checkpoint_kind(cfg: StageConfig) -> str:
 
 
 def _precision(cfg: StageConfig, use_cpu: bool) -> dict[str, bool]:
+    """bf16 on a GPU that has it, fp32 on the CPU, unless the config names one."""
     p = cfg.training.precision
     if p == "auto":
         p = "bf16" if (not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "fp32"
-    if p in ("bf16", "fp16") and use_cpu and p == "fp16":
+    if p == "fp16" and use_cpu:
         raise ValueError("fp16 training needs a GPU; use precision bf16 or fp32 on the CPU")
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
