@@ -15,13 +15,16 @@ stopped refreshing it is taken over.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
+import sys
 import time
 import traceback
 import warnings
@@ -207,9 +210,29 @@ class _ManifestTail:
         return rows
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL when its parent (the fork server) exits.
+
+    The fork server exits when the job process dies, so a killed job takes its workers with it,
+    and no orphan keeps writing into the job folder beside a rerun (its temporaries are swept
+    by that rerun, since their writer is gone).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable; workers may outlive a killed job")
+
+
 def _worker(fn: WorkFn, setup: SetupFn | None, job_dir: Path, params: dict[str, Any], conn: Any,
             env: dict[str, str]) -> None:
     """A worker process: set up once, then process the slides sent to it until told to stop."""
+    _die_with_parent()
     # The fork server was started with the environment of its first use; take the caller's current one
     # (HF_HUB_OFFLINE, CUDA_VISIBLE_DEVICES, ...).
     os.environ.clear()
