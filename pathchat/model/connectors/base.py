@@ -111,6 +111,15 @@ class FeatureStandardizer(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
+def tile_normalisation(feature_dim: int) -> list[nn.Module]:
+    """The first layers of every connector's tile input: dataset statistics, then per-tile LayerNorm.
+
+    Encoders differ in feature scale by orders of magnitude; with both, one initialisation and
+    learning rate fit them all.
+    """
+    return [FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim)]
+
+
 def set_feature_statistics(connector: nn.Module, mean: Tensor, std: Tensor, min_std: float = 1e-6) -> None:
     """Load per-dimension feature statistics into every standardiser of a connector."""
     layers = [m for m in connector.modules() if isinstance(m, FeatureStandardizer)]

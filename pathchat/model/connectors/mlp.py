@@ -19,8 +19,8 @@ from pathchat.model.connectors.base import (
     Connector,
     ConnectorConfig,
     ConnectorOutput,
-    FeatureStandardizer,
     check_inputs,
+    tile_normalisation,
 )
 
 _MASK64 = (1 << 64) - 1
@@ -106,9 +106,8 @@ class MLPConnector(Connector):
         super().__init__()
         self.config = config
         self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim),
-                                 nn.Linear(feature_dim, llm_dim), nn.GELU(),
-                                 nn.Linear(llm_dim, llm_dim))  # per-tile normalisation: any encoder's scale
+        self.mlp = nn.Sequential(*tile_normalisation(feature_dim), nn.Linear(feature_dim, llm_dim), nn.GELU(),
+                                 nn.Linear(llm_dim, llm_dim))
         self.padding_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,

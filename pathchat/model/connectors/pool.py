@@ -15,9 +15,9 @@ from pathchat.model.connectors.base import (
     Connector,
     ConnectorConfig,
     ConnectorOutput,
-    FeatureStandardizer,
     check_inputs,
     normalise_relevance,
+    tile_normalisation,
 )
 from pathchat.model.connectors.positions import grid_cells, masked_grid_mean, relative_coords_um
 
@@ -54,9 +54,8 @@ class PoolConnector(Connector):
         super().__init__()
         self.config = config
         self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim),
-                                 nn.Linear(feature_dim, llm_dim), nn.GELU(),
-                                 nn.Linear(llm_dim, llm_dim))  # per-tile normalisation: any encoder's scale
+        self.mlp = nn.Sequential(*tile_normalisation(feature_dim), nn.Linear(feature_dim, llm_dim), nn.GELU(),
+                                 nn.Linear(llm_dim, llm_dim))
         self.empty_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,

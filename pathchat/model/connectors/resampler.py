@@ -16,9 +16,9 @@ from pathchat.model.connectors.base import (
     Connector,
     ConnectorConfig,
     ConnectorOutput,
-    FeatureStandardizer,
     check_inputs,
     normalise_relevance,
+    tile_normalisation,
 )
 
 
@@ -70,10 +70,7 @@ class ResamplerConnector(Connector):
         self.config = config
         self.num_tokens = config.num_tokens
         d = config.hidden_dim
-        # Dataset statistics, then per-tile normalisation: any encoder's feature scale fits one
-        # initialisation and learning rate.
-        self.tile_proj = nn.Sequential(FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim),
-                                       nn.Linear(feature_dim, d))
+        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim), nn.Linear(feature_dim, d))
         self.latents = nn.Parameter(torch.randn(config.num_latents, d) * 0.02)
         self.transformer = QueryTransformer(d, config.num_heads, config.num_layers, config.ffn_ratio,
                                             num_kv_heads=config.num_kv_heads)

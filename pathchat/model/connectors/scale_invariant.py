@@ -18,9 +18,9 @@ from pathchat.model.connectors.base import (
     Connector,
     ConnectorConfig,
     ConnectorOutput,
-    FeatureStandardizer,
     check_inputs,
     normalise_relevance,
+    tile_normalisation,
 )
 from pathchat.model.connectors.positions import (
     FourierPositions,
@@ -90,10 +90,7 @@ class ScaleInvariantConnector(Connector):
         self.config = config
         self.num_tokens = config.num_tokens
         d = config.hidden_dim
-        # Dataset statistics, then per-tile normalisation: any encoder's feature scale fits one
-        # initialisation and learning rate.
-        self.tile_proj = nn.Sequential(FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim),
-                                       nn.Linear(feature_dim, d))
+        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim), nn.Linear(feature_dim, d))
         self.positions = FourierPositions(config.num_frequencies, config.min_wavelength_um,
                                           config.max_wavelength_um, d, num_scales=config.num_scales)
         self.cell_embedding = nn.Parameter(torch.randn(config.grid_size**2, d) * 0.02)
