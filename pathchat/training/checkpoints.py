@@ -32,6 +32,7 @@ __all__ = [
     "COMPLETE_MARKER",
     "TRAINING_CONFIG_NAME",
     "complete_checkpoints",
+    "full_model_from_state",
     "latest_complete_checkpoint",
     "mark_complete",
     "remove_incomplete",
@@ -92,6 +93,36 @@ def retain(run_dir: str | os.PathLike[str], limit: int | None) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+def full_model_from_state(config: Any, state_dict: Mapping[str, torch.Tensor],
+                          lora: Any | None = None) -> PathChatForConditionalGeneration:
+    """A whole model from a full state dict, with the LoRA update folded in when ``lora`` is given.
+
+    Built outside any live DeepSpeed ZeRO-3 context (whose ``zero.Init`` would partition it), so it
+    serves both the end of a ZeRO-3 run and the conversion of its shards.
+
+    Args:
+        config: the checkpoint's ``PathChatConfig``.
+        state_dict: every weight, named as in a model carrying the adapter when ``lora`` is given.
+        lora: the run's ``LoraSettings``, or None for a model without adapters.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved_ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        model = PathChatForConditionalGeneration(config)
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved_ref
+    if lora is None:
+        model.load_state_dict(state_dict, strict=True)
+        return model
+    from pathchat.model.lora import apply_lora, merge_lora
+
+    apply_lora(model, lora)
+    model.load_state_dict(state_dict, strict=True)
+    return merge_lora(model)
 
 
 def _base_language_model(model: PathChatForConditionalGeneration) -> str | None:

@@ -71,6 +71,12 @@ class LoraConfigSpec:
     dropout: float = 0.05
     target_modules: list[str] | None = None
 
+    def settings(self) -> Any:
+        """The ``pathchat.model.lora.LoraSettings`` these fields describe."""
+        from pathchat.model.lora import LoraSettings
+
+        return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules)
+
 
 @dataclass
 class TrainingConfig:

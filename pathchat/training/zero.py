@@ -14,8 +14,12 @@ from pathlib import Path
 import yaml
 from transformers import AutoTokenizer
 
-from pathchat.model.modeling import PathChatForConditionalGeneration
-from pathchat.training.checkpoints import TRAINING_CONFIG_NAME, save_pathchat_checkpoint
+from pathchat.training.checkpoints import (
+    TRAINING_CONFIG_NAME,
+    full_model_from_state,
+    save_pathchat_checkpoint,
+)
+from pathchat.training.config import LoraConfigSpec
 
 __all__ = ["convert_zero_checkpoint"]
 
@@ -37,20 +41,11 @@ def convert_zero_checkpoint(checkpoint_dir: str | os.PathLike[str], output_dir: 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(src)
-    model = PathChatForConditionalGeneration(config)
     training: dict = {}
     if (src / TRAINING_CONFIG_NAME).is_file():
         training = yaml.safe_load((src / TRAINING_CONFIG_NAME).read_text()) or {}
-    lora = (training.get("lora") or {}) if isinstance(training, dict) else {}
-    if lora.get("enabled"):
-        from pathchat.model.lora import LoraSettings, apply_lora, merge_lora
-
-        apply_lora(model, LoraSettings(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                                       target_modules=lora.get("target_modules")))
-        model.load_state_dict(state, strict=True)
-        model = merge_lora(model)
-    else:
-        model.load_state_dict(state, strict=True)
+    lora = LoraConfigSpec(**(training.get("lora") or {})) if isinstance(training, dict) else LoraConfigSpec()
+    model = full_model_from_state(config, state, lora.settings() if lora.enabled else None)
     tokenizer = AutoTokenizer.from_pretrained(src)
     return save_pathchat_checkpoint(model, tokenizer, output_dir, "full",
                                     training_config=training if training else None)
