@@ -20,6 +20,7 @@ from pathchat.data.slide_features import SlideFeatureStore
 from pathchat.model.modeling import PathChatForConditionalGeneration, build_pathchat
 from pathchat.model.pretrained import checkpoint_kind, load_language_model, load_pathchat
 from pathchat.training.checkpoints import (
+    full_model_from_state,
     latest_complete_checkpoint,
     remove_incomplete,
     save_pathchat_checkpoint,
@@ -80,26 +81,6 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
     model.config.base_language_model = m.language_model
     model.train()
     return model, tokenizer
-
-
-def _merged_copy(cfg: StageConfig, model: PathChatForConditionalGeneration,
-                 state_dict: dict[str, Any] | None) -> PathChatForConditionalGeneration:
-    """A plain (un-partitioned) copy with the LoRA update folded in, from the trained weights."""
-    from pathchat.model.lora import LoraSettings, apply_lora, merge_lora
-
-    state = state_dict if state_dict is not None else model.state_dict()
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved_ref = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()  # build the copy whole, not partitioned by ZeRO-3's zero.Init
-    try:
-        fresh = PathChatForConditionalGeneration(model.config)
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved_ref
-    apply_lora(fresh, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                   target_modules=cfg.lora.target_modules))
-    fresh.load_state_dict(state, strict=True)
-    return merge_lora(fresh)
 
 
 class RunAlreadyCompleteError(RuntimeError):
@@ -165,11 +146,13 @@ def ensure_distributed_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def load_stage_records(cfg: StageConfig) -> tuple[list[ConversationRecord], int]:
+def load_stage_records(cfg: StageConfig, files: Sequence[str]) -> tuple[list[ConversationRecord], int]:
+    """Records of these files as the stage trains on them (packed per slide in stage 2), and how many
+    invalid ones were skipped."""
     from pathchat.data.records import SkippedRecords
 
     skipped = SkippedRecords()
-    records = load_records(cfg.data.train, skip_invalid=cfg.data.skip_invalid, skipped=skipped)
+    records = load_records(list(files), skip_invalid=cfg.data.skip_invalid, skipped=skipped)
     if cfg.stage == "instruct" and cfg.data.pack_by_slide:
         records = pack_by_slide(records)
     return records, skipped.count
@@ -197,13 +180,12 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
 
     model, tokenizer = build_stage_model(cfg)
     if cfg.lora.enabled:
-        from pathchat.model.lora import LoraSettings, apply_lora
+        from pathchat.model.lora import apply_lora
 
-        apply_lora(model, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                       target_modules=cfg.lora.target_modules))
+        apply_lora(model, cfg.lora.settings())
     trainable = select_trainable(model, cfg.stage, lora=cfg.lora.enabled)
 
-    records, skipped = load_stage_records(cfg)
+    records, skipped = load_stage_records(cfg, cfg.data.train)
     store = SlideFeatureStore(cfg.data.features, max_tiles=cfg.data.max_tiles, sample_seed=cfg.data.tile_sample_seed)
     k = model.config.num_slide_tokens
     assert k is not None
@@ -213,9 +195,7 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
                                   progress=t.progress)
     eval_dataset = None
     if cfg.data.eval:
-        eval_records = load_records(cfg.data.eval, skip_invalid=cfg.data.skip_invalid)
-        if cfg.stage == "instruct" and cfg.data.pack_by_slide:
-            eval_records = pack_by_slide(eval_records)
+        eval_records, _ = load_stage_records(cfg, cfg.data.eval)
         eval_dataset = ConversationDataset(eval_records, store, tokenizer, k, max_length=cfg.data.max_length,
                                            prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
                                            system_prompt=cfg.data.system_prompt,
@@ -299,7 +279,8 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
             kind = _final_kind(cfg)
             if kind == "full" and cfg.lora.enabled:
                 # A random-weight (tiny) base cannot be rebuilt, so fold the adapter in and save it all.
-                final = _merged_copy(cfg, final, state_dict)
+                state = state_dict if state_dict is not None else final.state_dict()
+                final = full_model_from_state(final.config, state, cfg.lora.settings())
                 state_dict = None
             save_pathchat_checkpoint(final, tokenizer, out, kind, state_dict=state_dict,
                                      training_config=cfg.to_dict())
