@@ -53,18 +53,11 @@ def make_tiny_base(folder: Path, texts: list[str], tiny: dict[str, Any], seed: i
 
     A from-scratch model learns faster when words are tokens, not letters.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pathchat.model.tokenizers import build_test_tokenizer
+    from pathchat.model.pretrained import build_tiny_language_model
 
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = build_test_tokenizer("qwen2", vocab_size=1024, corpus=texts)
-    config = AutoConfig.for_model("qwen2", **{**tiny, "vocab_size": len(tokenizer)})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+    model, tokenizer = build_tiny_language_model("qwen2", tiny, seed=seed, corpus=texts)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from pathchat.model.modeling import PathChatForConditionalGeneration
 __all__ = [
     "CONNECTOR_WEIGHTS_NAME",
     "TINY_DEFAULTS",
+    "build_tiny_language_model",
     "checkpoint_kind",
     "load_language_model",
     "load_pathchat",
@@ -42,6 +43,42 @@ TINY_DEFAULTS: dict[str, Any] = {
     "intermediate_size": 128, "max_position_embeddings": 2048,
 }
 """Shape of a ``tiny:`` language model unless the caller overrides fields."""
+
+
+_TINY_STYLES = {"qwen2": "qwen2", "llama": "llama3"}  # model_type -> test tokenizer style
+
+
+def build_tiny_language_model(
+    kind: str = "qwen2", fields: Mapping[str, Any] | None = None, seed: int = 0, corpus: Sequence[str] = (),
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A random-weight chat LM of ``kind`` ("qwen2" or "llama") and an offline BPE tokenizer.
+
+    Args:
+        fields: config fields overriding ``TINY_DEFAULTS``.
+        seed: initialisation seed (the global RNG is left as it was).
+        corpus: extra tokenizer training text (a dataset's own words become single tokens).
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    from transformers import AutoConfig
+
+    from pathchat.model.tokenizers import build_test_tokenizer
+
+    if kind not in _TINY_STYLES:
+        raise ValueError(f"unknown tiny language model 'tiny:{kind}'; use one of "
+                         f"{sorted('tiny:' + k for k in _TINY_STYLES)}")
+    tokenizer = build_test_tokenizer(_TINY_STYLES[kind], corpus=corpus)
+    merged = {**TINY_DEFAULTS, **dict(fields or {}), "vocab_size": len(tokenizer)}
+    merged.setdefault("tie_word_embeddings", kind == "llama")
+    config = AutoConfig.for_model(kind, **merged)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model, tokenizer
 
 
 def load_language_model(
@@ -62,27 +99,11 @@ def load_language_model(
         OSError: from transformers, naming the source, when it cannot be found offline.
     """
     if source.startswith("tiny:"):
-        from pathchat.model.tokenizers import build_test_tokenizer
-
-        kind = source.split(":", 1)[1]
-        styles = {"qwen2": "qwen2", "llama": "llama3"}
-        if kind not in styles:
-            raise ValueError(f"unknown tiny language model {source!r}; use one of "
-                             f"{sorted('tiny:' + k for k in styles)}")
-        from transformers import AutoConfig
-
-        test_tokenizer = build_test_tokenizer(styles[kind])
-        fields = {**TINY_DEFAULTS, **dict(tiny or {}), "vocab_size": len(test_tokenizer)}
-        fields.setdefault("tie_word_embeddings", kind == "llama")
-        config = AutoConfig.for_model(kind, **fields)
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config)
+        model, tokenizer = build_tiny_language_model(source.split(":", 1)[1], tiny, seed=seed,
+                                                     attn_implementation=attn_implementation)
         if dtype is not None:
-            model = model.to(dtype)
-        return model, test_tokenizer
+            model = model.to(dtype)  # type: ignore[arg-type]  # transformers' to() wrapper stub
+        return model, tokenizer
     if source == "smollm2":
         from pathchat.model.smollm import load_smollm2
 
