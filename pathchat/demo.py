@@ -101,13 +101,14 @@ def chat_about(model: Any, tokenizer: Any, slide: dict[str, Any]) -> dict[str, A
     import torch
 
     from data_recipes.synthetic.questions import slide_report
+    from pathchat.data.slide_features import tiles_from_bag
     from pathchat.features.store import read_features_h5
     from pathchat.model.generation import ChatSession
 
     bag = read_features_h5(slide["features"])
-    coords = bag.coords_um()
-    session = ChatSession(model, tokenizer, torch.from_numpy(bag.features),
-                          torch.from_numpy(coords).float() if coords is not None else None, max_new_tokens=96)
+    tiles = tiles_from_bag(bag)
+    session = ChatSession(model, tokenizer, tiles.features, tiles.coords_um, slide_size_um=tiles.slide_size_um,
+                          max_new_tokens=96)
     turns = []
     for question, truth in [(REPORT_PROMPT, slide_report(slide["truth"], 0)), *_questions(slide["truth"])]:
         t0 = time.perf_counter()

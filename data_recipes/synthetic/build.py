@@ -5,8 +5,8 @@ Layout of `OUT`:
     job/                          the `pathchat extract` job (coords, QC images, manifest, features)
     features -> job/<tiling>/features_<encoder>   the features folder (a relative symlink)
     align.jsonl                   stage 1: one report per training slide
-    instruct.jsonl                stage 2: one multi-turn conversation per training slide
-    heldout.jsonl                 the same conversations for the held-out slides
+    instruct.jsonl                stage 2: one record per question, plus one short dialogue per slide
+    heldout.jsonl                 the same records for the held-out slides
     heldout_align.jsonl           reports of the held-out slides
     heldout_questions.jsonl       evaluation questions of the held-out slides (CONTRACTS.md schema)
     dataset.json                  counts, seed, encoder, question types, chance levels, probe accuracy
@@ -158,16 +158,29 @@ def build_records(truths: dict[str, list[SlideTruth]], seed: int) -> dict[str, l
             meta = {"split": split, "truth": truth.to_dict()}
             align = conversation(truth.slide_id, f"{truth.slide_id}/align",
                                  [(report.user_text(), report.assistant_text())], {**meta, "report_variant": variant})
-            items = slide_questions(truth, rng, balancer, open_questions=2 if split == "train" else None)
-            turns = [(it.user_text(), it.assistant_text()) for it in items]
-            conv = conversation(truth.slide_id, f"{truth.slide_id}/qa", turns,
-                                {**meta, "categories": [it.category for it in items]})
+            # Training slides are asked about every present and located class and every open type:
+            # with isolated packing each extra question is one more answer on the same slide encoding.
+            if split == "train":
+                items = slide_questions(truth, rng, balancer, max_per_type=3, open_questions=None)
+                # Which class is where, and which option is present, bind words to parts of the slide:
+                # the hardest types to learn. Ask them once more, with fresh options and wording.
+                items += slide_questions(truth, rng, balancer, max_per_type=3, only=("presence", "location"))
+            else:
+                items = slide_questions(truth, rng, balancer, open_questions=None)
+            # One record per question (they are independent) ...
+            convs = [conversation(truth.slide_id, f"{truth.slide_id}/q{j:02d}", [(it.user_text(), it.assistant_text())],
+                                  {**meta, "categories": [it.category]}) for j, it in enumerate(items)]
+            # ... and one short dialogue (report, then two questions) that teaches follow-up turns.
+            follow = [report, *[it for it in items if it.options is None][:1], *[it for it in items if it.options][:1]]
+            convs.append(conversation(truth.slide_id, f"{truth.slide_id}/dialogue",
+                                      [(it.user_text(), it.assistant_text()) for it in follow],
+                                      {**meta, "categories": [it.category for it in follow], "dialogue": True}))
             if split == "train":
                 rows["align"].append(align)
-                rows["instruct"].append(conv)
+                rows["instruct"] += convs
             else:
                 rows["heldout_align"].append(align)
-                rows["heldout"].append(conv)
+                rows["heldout"] += convs
                 canonical = QAItem("report", QUESTION_TYPES["report"].wordings[0], None, None, slide_report(truth, 0))
                 for j, it in enumerate([*items, canonical]):
                     rows["heldout_questions"].append(it.eval_record(f"{truth.slide_id}/q{j:02d}", truth.slide_id))

@@ -148,31 +148,45 @@ def join_names(names: Sequence[str]) -> str:
 
 
 def slide_questions(truth: SlideTruth, rng: np.random.Generator, balancer: LetterBalancer,
-                    max_per_type: int = 2, open_questions: int | None = 2) -> list[QAItem]:
+                    max_per_type: int = 2, open_questions: int | None = 2,
+                    only: Sequence[str] | None = None) -> list[QAItem]:
     """Closed questions of every applicable type plus open ones, in a shuffled order.
 
     Args:
         max_per_type: presence and location are asked about up to this many different classes.
         open_questions: how many open questions (drawn among the open types); None asks all of them.
+        only: ask only these closed categories and no open question (None: everything).
     """
     name = CLASS_NAMES
     present = list(truth.present)
     absent = [name[c] for c in RECIPE_CLASSES if c not in truth.class_tiles]
     located = [c for c in present if truth.unique_location(c) is not None]
     items: list[QAItem] = []
-    for c in rng.permutation(np.array(present, dtype=object))[:max_per_type]:
-        items.append(_closed("presence", _wording("presence", rng), name[str(c)], absent, rng, balancer))
-    others = [name[c] for c in present if c != truth.dominant] + absent
-    items.append(_closed("dominant", _wording("dominant", rng), name[truth.dominant], others, rng, balancer))
-    for c in rng.permutation(np.array(located, dtype=object))[:max_per_type]:
-        where = truth.unique_location(str(c)) or ""
-        wrong = [q for q in QUADRANTS if q != where]
-        items.append(_closed("location", _wording("location", rng, cls=name[str(c)]), where, wrong, rng, balancer))
+
+    def asked(category: str) -> bool:
+        return only is None or category in only
+
+    if asked("presence"):
+        for c in rng.permutation(np.array(present, dtype=object))[:max_per_type]:
+            items.append(_closed("presence", _wording("presence", rng), name[str(c)], absent, rng, balancer))
+    if asked("dominant"):
+        others = [name[c] for c in present if c != truth.dominant] + absent
+        items.append(_closed("dominant", _wording("dominant", rng), name[truth.dominant], others, rng, balancer))
+    if asked("location"):
+        for c in rng.permutation(np.array(located, dtype=object))[:max_per_type]:
+            where = truth.unique_location(str(c)) or ""
+            wrong = [q for q in QUADRANTS if q != where]
+            items.append(_closed("location", _wording("location", rng, cls=name[str(c)]), where, wrong, rng,
+                                 balancer))
     count = str(truth.region_count)
-    items.append(_closed("region_count", _wording("region_count", rng), count,
-                         [o for o in REGION_COUNT_OPTIONS if o != count], rng, balancer))
-    items.append(_closed("tissue_amount", _wording("tissue_amount", rng), truth.amount,
-                         [a for a in AMOUNTS if a != truth.amount], rng, balancer))
+    if asked("region_count"):
+        items.append(_closed("region_count", _wording("region_count", rng), count,
+                             [o for o in REGION_COUNT_OPTIONS if o != count], rng, balancer))
+    if asked("tissue_amount"):
+        items.append(_closed("tissue_amount", _wording("tissue_amount", rng), truth.amount,
+                             [a for a in AMOUNTS if a != truth.amount], rng, balancer))
+    if only is not None:
+        return [items[i] for i in rng.permutation(len(items))]
 
     opens = [QAItem("presence_open", _wording("presence_open", rng), None, None,
                     join_names([name[c] for c in present])),

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from pathchat.model.connectors.positions import stack_slide_sizes
 from pathchat.model.conversation import IGNORE_INDEX
 
 __all__ = ["PathChatCollator"]
@@ -59,12 +61,48 @@ class PathChatCollator:
             tile_mask[i, :n] = True
             if coords is not None:
                 coords[i, :n] = it["tile_coords"]
+        segmented = [it.get("segment_ids") for it in items]
+        position_ids = None
+        if any(seg is not None for seg in segmented):
+            attention_mask, position_ids = isolated_attention(segmented, attention_mask)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
+            **({"position_ids": position_ids} if position_ids is not None else {}),
             "labels": labels,
             "tile_features": features,
             "tile_coords": coords,
             "tile_mask": tile_mask,
+            "slide_size_um": stack_slide_sizes([it.get("slide_size_um") for it in items]),
             "sample_ids": [it["id"] for it in items],
         }
+
+
+def isolated_attention(segment_ids: Sequence[Tensor | None], padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The `[b, 1, L, L]` boolean attention mask (True = may attend) and `[b, L]` position ids of
+    records packed with `isolate_records`.
+
+    A token sees the earlier tokens of the shared prefix (segment 0) and of its own segment, never
+    another segment's; positions restart after the prefix, so each segment sits exactly where it
+    would in a sequence of its own. Rows without segment ids (None) are plain causal sequences.
+    Padding rows see only themselves, which keeps the softmax finite.
+    """
+    b, length = padding_mask.shape
+    seg = torch.zeros(b, length, dtype=torch.long)
+    for i, s in enumerate(segment_ids):
+        if s is not None:
+            seg[i, : len(s)] = s
+    real = padding_mask.bool()
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)  # [b, query, key]
+    mask = causal & same & real[:, None, :] & real[:, :, None]
+    mask |= torch.eye(length, dtype=torch.bool)[None] & ~real[:, :, None]
+    prefix = ((seg == 0) & real).sum(dim=1, keepdim=True)  # the prefix is the first tokens of a row
+    within = torch.zeros_like(seg)
+    for r in range(1, int(seg.max()) + 1):
+        in_r = seg == r
+        within += (in_r.long().cumsum(dim=1) - 1) * in_r
+    positions = torch.where(seg == 0, torch.arange(length).expand(b, -1), prefix + within)
+    plain = [i for i, s in enumerate(segment_ids) if s is None]
+    positions[plain] = torch.arange(length)
+    return mask[:, None], positions

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pathchat.data.records import ConversationRecord, RecordError, SkippedRecords
 from pathchat.data.slide_features import MissingFeaturesError, SlideFeatureStore
-from pathchat.model.conversation import IGNORE_INDEX, add_slide_tokens, render_conversation
+from pathchat.model.conversation import IGNORE_INDEX, SLIDE_PLACEHOLDER, add_slide_tokens, render_conversation
 
 __all__ = ["ConversationDataset", "RenderedSample", "render_plain"]
 
@@ -36,6 +36,9 @@ class RenderedSample:
     num_answers: int
     dropped_turns: int = 0
     source_ids: list[str] = field(default_factory=list)
+    # Isolated packing: per token, 0 for the shared prefix (system prompt + slide) and r + 1 for
+    # the r-th packed record; None when every token may see every earlier one.
+    segment_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -63,7 +66,7 @@ def render_plain(text: str, tokenizer: PreTrainedTokenizerBase, num_slide_tokens
 
 
 class ConversationDataset(Dataset[dict[str, Any]]):
-    """Items: ``input_ids``, ``labels`` (lists), ``tile_features`` / ``tile_coords`` tensors, ``id``.
+    """Items: ``input_ids``, ``labels`` (lists), ``tile_features`` / ``tile_coords`` / ``slide_size_um`` tensors, ``id``.
 
     Args:
         records: conversation records (one slide each).
@@ -76,15 +79,21 @@ class ConversationDataset(Dataset[dict[str, Any]]):
         system_prompt: added to conversations that have none.
         skip_invalid: records whose slide has no features or that cannot be rendered are counted
             in ``skipped`` and left out, instead of raising.
+        isolate_records: in a record packed from several (``pack_by_slide``), every merged record
+            sees the shared system prompt and slide tokens but not the other records' turns, with
+            positions that restart after the slide: each answer is trained exactly as if its record
+            were asked alone, and no answer can be copied from another record's. For independent
+            questions (VQA sets, the synthetic recipe); the collator turns it into an attention mask.
     """
 
     def __init__(self, records: Sequence[ConversationRecord], store: SlideFeatureStore,
                  tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int, max_length: int | None = None,
                  prompt_format: PromptFormat = "chat", system_prompt: str | None = None,
-                 skip_invalid: bool = False, progress: bool = True):
+                 skip_invalid: bool = False, progress: bool = True, isolate_records: bool = False):
         if prompt_format not in ("chat", "plain"):
             raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
         self.store = store
+        self.isolate_records = isolate_records
         self.skipped = SkippedRecords()
         self.samples: list[RenderedSample] = []
         self.dropped_turns = 0
@@ -119,6 +128,8 @@ class ConversationDataset(Dataset[dict[str, Any]]):
             answer = next(m["content"] for m in reversed(rec.messages) if m["role"] == "assistant")
             ids, labels = render_plain(answer, tokenizer, k, max_length)
             return RenderedSample(rec.id, rec.slide, ids, labels, 1, 0, list(rec.source_ids))
+        if self.isolate_records and len(rec.segment_starts) > 1:
+            return self._render_isolated(rec, tokenizer, k, max_length, system_prompt)
         r = render_conversation(rec.messages, tokenizer, k, max_length=max_length,
                                 system_prompt=system_prompt, record_id=rec.id)
         if r.num_slides != 1:
@@ -126,6 +137,39 @@ class ConversationDataset(Dataset[dict[str, Any]]):
         answers = rec.num_answers - r.dropped_turns
         return RenderedSample(rec.id, rec.slide, r.input_ids, r.labels, answers, r.dropped_turns,
                               list(rec.source_ids))
+
+    def _render_isolated(self, rec: ConversationRecord, tokenizer: PreTrainedTokenizerBase, k: int,
+                         max_length: int | None, system_prompt: str | None) -> RenderedSample:
+        """The shared prefix (through the last slide placeholder) once, then every merged record's own
+        tokens; records that would pass `max_length` are dropped whole (their turns counted)."""
+        placeholder = tokenizer.convert_tokens_to_ids(SLIDE_PLACEHOLDER)
+        ids: list[int] = []
+        labels: list[int] = []
+        segment_ids: list[int] = []
+        prefix: list[int] | None = None
+        answers = dropped = 0
+        for r, messages in enumerate(rec.segments()):
+            part = render_conversation(messages, tokenizer, k, system_prompt=system_prompt, record_id=rec.id)
+            if part.num_slides != 1:
+                raise RecordError(f"record {rec.id!r}: expected exactly one slide marker, found {part.num_slides}")
+            cut = max(i for i, t in enumerate(part.input_ids) if t == placeholder) + 1
+            if prefix is None:
+                prefix = part.input_ids[:cut]
+                ids, labels, segment_ids = list(prefix), list(part.labels[:cut]), [0] * cut
+            elif part.input_ids[:cut] != prefix:
+                raise RecordError(f"record {rec.id!r}: packed record {r} renders a different system prompt "
+                                  "or slide prefix; isolated packing needs one shared prefix")
+            n_answers = sum(1 for m in messages if m["role"] == "assistant")
+            if max_length is not None and len(ids) + len(part.input_ids) - cut > max_length:
+                dropped += n_answers
+                continue
+            ids += part.input_ids[cut:]
+            labels += part.labels[cut:]
+            segment_ids += [r + 1] * (len(part.input_ids) - cut)
+            answers += n_answers
+        if answers == 0:
+            raise RecordError(f"record {rec.id!r}: no packed record fits max_length={max_length}")
+        return RenderedSample(rec.id, rec.slide, ids, labels, answers, dropped, list(rec.source_ids), segment_ids)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -145,4 +189,6 @@ class ConversationDataset(Dataset[dict[str, Any]]):
             "labels": torch.tensor(s.labels, dtype=torch.long),
             "tile_features": tiles.features,
             "tile_coords": tiles.coords_um,
+            "slide_size_um": tiles.slide_size_um,
+            "segment_ids": None if s.segment_ids is None else torch.tensor(s.segment_ids, dtype=torch.long),
         }

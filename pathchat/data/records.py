@@ -41,6 +41,24 @@ class ConversationRecord:
     slide: str | None
     messages: list[dict[str, str]]
     source_ids: list[str] = field(default_factory=list)  # records merged into this one by packing
+    # Packing: index in `messages` where each merged record's turns begin (empty when not packed).
+    segment_starts: list[int] = field(default_factory=list)
+
+    def segments(self) -> list[list[dict[str, str]]]:
+        """The merged records' messages, each with the slide marker on its first user turn and the
+        shared system message in front (the packed record itself when it was not packed)."""
+        if len(self.segment_starts) < 2:
+            return [self.messages]
+        system = [self.messages[0]] if self.messages[0]["role"] == "system" else []
+        bounds = [*self.segment_starts, len(self.messages)]
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            body = [dict(m) for m in self.messages[a:b]]
+            first = next(m for m in body if m["role"] == "user")
+            if SLIDE_TOKEN not in first["content"]:
+                first["content"] = f"{SLIDE_TOKEN}\n{first['content']}"
+            out.append(system + body)
+        return out
 
     @property
     def num_answers(self) -> int:
@@ -160,7 +178,8 @@ def pack_by_slide(records: Sequence[ConversationRecord]) -> list[ConversationRec
     SlideChat-style data holds one question per record; packing puts every question about a slide
     in one sequence, so the connector runs once per slide instead of once per question. The slide
     marker stays in the first user turn only; a system message is kept from the first record.
-    Slides keep the order of their first record.
+    Slides keep the order of their first record. `segment_starts` remembers where each record
+    begins, so the dataset can also keep the records apart (`isolate_records`).
     """
     groups: dict[str | None, list[ConversationRecord]] = {}
     for rec in records:
@@ -173,7 +192,9 @@ def pack_by_slide(records: Sequence[ConversationRecord]) -> list[ConversationRec
         messages: list[dict[str, str]] = []
         if recs[0].messages[0]["role"] == "system":
             messages.append(dict(recs[0].messages[0]))
+        starts = []
         for rec in recs:
+            starts.append(len(messages))
             for m in rec.messages:
                 if m["role"] == "system":
                     continue
@@ -185,7 +206,7 @@ def pack_by_slide(records: Sequence[ConversationRecord]) -> list[ConversationRec
         first_user["content"] = f"{SLIDE_TOKEN}\n{first_user['content']}"
         ids = [i for r in recs for i in r.source_ids]
         packed.append(ConversationRecord(id=f"{slide}::packed{len(recs)}", slide=slide,
-                                         messages=messages, source_ids=ids))
+                                         messages=messages, source_ids=ids, segment_starts=starts))
     return packed
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pathchat.features.store import FeatureFileError, read_features_h5
+from pathchat.features.store import FeatureBag, FeatureFileError, read_features_h5
 from pathchat.model.connectors.mlp import sample_tile_indices
 
-__all__ = ["MissingFeaturesError", "SlideFeatureStore", "SlideTiles"]
+__all__ = ["MissingFeaturesError", "SlideFeatureStore", "SlideTiles", "tiles_from_bag"]
 
 
 class MissingFeaturesError(FileNotFoundError):
@@ -29,6 +29,25 @@ class SlideTiles:
     coords_um: Tensor | None  # float32 [n, 2], top-left in µm; None when the file has no mpp/coords
     num_tiles_in_file: int  # before the cap
     sampled: bool  # True when the cap dropped tiles
+    slide_size_um: Tensor | None = None  # float32 [2], (width, height) of the slide in µm; None when unknown
+
+
+def tiles_from_bag(bag: FeatureBag, max_tiles: int | None = None, sample_seed: int = 0) -> SlideTiles:
+    """A feature file's contents as model inputs; above `max_tiles`, the `sample_tile_indices` subset
+    that inference draws too."""
+    features = torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32))
+    coords_np = bag.coords_um()
+    coords = torch.from_numpy(coords_np.astype(np.float32)) if coords_np is not None else None
+    n = len(bag)
+    sampled = max_tiles is not None and n > max_tiles
+    if sampled:
+        assert max_tiles is not None
+        idx = sample_tile_indices(n, max_tiles, sample_seed)
+        features = features[idx]
+        coords = coords[idx] if coords is not None else None
+    size_np = bag.slide_size_um()
+    return SlideTiles(features=features, coords_um=coords, num_tiles_in_file=n, sampled=sampled,
+                      slide_size_um=None if size_np is None else torch.from_numpy(size_np.astype(np.float32)))
 
 
 class SlideFeatureStore:
@@ -112,17 +131,7 @@ class SlideFeatureStore:
         elif bag.dim != self._dim:
             raise FeatureFileError(self.path(slide_id), f"feature width {bag.dim} differs from the "
                                    f"{self._dim} of earlier slides in {self.folder}")
-        features = torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32))
-        coords_np = bag.coords_um()
-        coords = torch.from_numpy(coords_np.astype(np.float32)) if coords_np is not None else None
-        n = len(bag)
-        sampled = self.max_tiles is not None and n > self.max_tiles
-        if sampled:
-            assert self.max_tiles is not None
-            idx = sample_tile_indices(n, self.max_tiles, self.sample_seed)
-            features = features[idx]
-            coords = coords[idx] if coords is not None else None
-        tiles = SlideTiles(features=features, coords_um=coords, num_tiles_in_file=n, sampled=sampled)
+        tiles = tiles_from_bag(bag, self.max_tiles, self.sample_seed)
         size = _nbytes(tiles)
         if size <= self._cache_bytes:
             self._cache[slide_id] = tiles

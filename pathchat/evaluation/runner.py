@@ -1,8 +1,11 @@
 """`pathchat eval`: ask a task's questions of a checkpoint (or score existing answers) and write the scores.
 
 Every score comes with its negative controls, the same questions asked with the wrong slide's
-features (a fixed-seed derangement across slides) and with zeroed features (same tile count and
-coordinates): a model that answers from the slide must lose accuracy under both. Closed questions
+features (a fixed-seed derangement across slides, positions and size included) and with zeroed
+features (a blank slide: one all-zero tile at the origin, so no content, layout or amount of tissue
+is left; zeroing only the features would leave the tile positions and count, from which a model
+rightly reads where the tissue is and how much there is): a model that answers from the slide must
+lose accuracy under both. Closed questions
 are also asked with their options shuffled `consistency_repeats` times (fixed seeds); consistency is
 the share answered with the same option content every time.
 
@@ -26,8 +29,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from pathchat.evaluation.answers import FAILED, parse_closed_answer
 from pathchat.evaluation.metrics import (
@@ -174,24 +175,21 @@ class FeatureResolver:
 
 
 class _FeatureCache:
-    """Reads feature files as tensors, keeping the most recently used few in memory."""
+    """Reads feature files as model inputs, keeping the most recently used few in memory."""
 
     def __init__(self, size: int = 32) -> None:
         self.size = size
-        self._cache: OrderedDict[Path, tuple[Any, Any]] = OrderedDict()
+        self._cache: OrderedDict[Path, Any] = OrderedDict()
 
-    def get(self, path: Path) -> tuple[Any, Any]:
-        import torch
-
+    def get(self, path: Path) -> Any:
+        """The file's `SlideTiles` (every tile: evaluation never samples)."""
+        from pathchat.data.slide_features import tiles_from_bag
         from pathchat.features.store import read_features_h5
 
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        bag = read_features_h5(path)
-        coords = bag.coords_um()
-        item = (torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)),
-                None if coords is None else torch.from_numpy(coords.astype(np.float32)))
+        item = tiles_from_bag(read_features_h5(path))
         self._cache[path] = item
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
@@ -435,18 +433,25 @@ def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
     asks = sorted(asks, key=lambda a: (a.question.kind, str(a.features_from), a.condition, a.question.id))
     batches = [asks[i: i + cfg.batch_size] for i in range(0, len(asks), cfg.batch_size)]
     for batch in tqdm(batches, desc=f"eval {cfg.task}", unit="batch", disable=not cfg.progress):
-        items = []
+        items: list[tuple[Any, Any, str]] = []
+        sizes: list[Any] = []
         for a in batch:
             assert a.features_path is not None
-            feats, coords = cache.get(a.features_path)
+            tiles = cache.get(a.features_path)
             if a.condition == CONDITION_ZEROED:
-                feats = torch.zeros_like(feats)
-            items.append((feats, coords, a.question.prompt(a.order)))
+                blank = tiles.features.new_zeros(1, tiles.features.shape[1])
+                origin = None if tiles.coords_um is None else tiles.coords_um.new_zeros(1, 2)
+                items.append((blank, origin, a.question.prompt(a.order)))
+                sizes.append(None)
+            else:
+                items.append((tiles.features, tiles.coords_um, a.question.prompt(a.order)))
+                sizes.append(tiles.slide_size_um)
         if any(c is None for _, c, _ in items):
             items = [(f, None, t) for f, _, t in items]  # generate_batch takes coords for all or none
         max_new = cfg.max_new_tokens or max(DEFAULT_MAX_NEW_TOKENS[a.question.kind] for a in batch)
         with torch.no_grad():
-            texts = generate_batch(model, tokenizer, items, max_new_tokens=max_new, system_prompt=cfg.system_prompt)
+            texts = generate_batch(model, tokenizer, items, max_new_tokens=max_new, system_prompt=cfg.system_prompt,
+                                   slide_sizes=sizes)
         _append_rows(pred_path, [_score_row(a.question, a.condition, t, a.order, a.features_from)
                                  for a, t in zip(batch, texts, strict=True)])
     return len(asks)
@@ -583,8 +588,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if len(names) > 1:
         lines.append(f"Controls: `{CONDITION_SHUFFLED}` shows each question another slide's features, "
-                     f"`{CONDITION_ZEROED}` zeroes the features; a model that reads the slide scores lower under "
-                     "both.")
+                     f"`{CONDITION_ZEROED}` shows a blank slide (one all-zero tile at the origin); a model that "
+                     "reads the slide scores lower under both.")
     else:
         lines.append("Controls: not run (scored existing predictions, or `--no-controls`).")
     return "\n".join(lines) + "\n"

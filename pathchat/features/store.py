@@ -77,6 +77,14 @@ class FeatureBag:
             return None
         return self.coords.astype(np.float64) * float(self.mpp)
 
+    def slide_size_um(self) -> np.ndarray | None:
+        """(width, height) of the scanned slide in µm, float64 `[2]`, from the tiler's `level0_width` /
+        `level0_height` attributes × mpp (pathchat and TRIDENT files record them); None when unknown."""
+        width, height = self.attrs.get("level0_width"), self.attrs.get("level0_height")
+        if width is None or height is None or self.mpp is None:
+            return None
+        return np.array([float(width), float(height)], np.float64) * float(self.mpp)
+
 
 # ----------------------------------------------------------------------------------------------- paths
 

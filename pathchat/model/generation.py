@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
 
+from pathchat.model.connectors.positions import stack_slide_sizes
 from pathchat.model.conversation import SLIDE_TOKEN, render_conversation
 from pathchat.model.modeling import PathChatForConditionalGeneration
 
@@ -148,6 +149,8 @@ class ChatSession:
         tile_features: `[n, d_enc]` or `[1, n, d_enc]` cached tile features of the slide.
         tile_coords: `[n, 2]` / `[1, n, 2]` tile positions in micrometres (None: the connector's default).
         tile_mask: `[n]` / `[1, n]` bool, True for real tiles (None: all real).
+        slide_size_um: `[2]` / `[1, 2]` (width, height) of the slide in µm, for connectors that place
+            tiles on the glass (`FeatureBag.slide_size_um()`); None when unknown.
         system_prompt: first message; None keeps the template's default.
         max_new_tokens, do_sample, temperature, top_p, top_k: defaults for `ask`.
         generator: RNG for sampling (None: torch's global RNG).
@@ -169,6 +172,7 @@ class ChatSession:
         tile_features: Tensor,
         tile_coords: Tensor | None = None,
         tile_mask: Tensor | None = None,
+        slide_size_um: Tensor | None = None,
         system_prompt: str | None = None,
         max_new_tokens: int = 256,
         do_sample: bool = False,
@@ -184,6 +188,7 @@ class ChatSession:
             "tile_features": _batch1(tile_features, 3),
             "tile_coords": None if tile_coords is None else _batch1(tile_coords, 3),
             "tile_mask": None if tile_mask is None else _batch1(tile_mask, 2),
+            "slide_size_um": None if slide_size_um is None else _batch1(slide_size_um, 2),
         }
         self.system_prompt = system_prompt
         self.defaults: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
@@ -400,8 +405,10 @@ def _batch1(t: Tensor, dims: int) -> Tensor:
     return t
 
 
-def _pad_tiles(items: Sequence[tuple[Tensor, Tensor | None]], device: torch.device) -> dict[str, Tensor | None]:
-    """Right-pad `[n_i, d]` features (and `[n_i, 2]` coords) to `[b, n_max, ...]` with a tile_mask."""
+def _pad_tiles(items: Sequence[tuple[Tensor, Tensor | None]], device: torch.device,
+               slide_sizes: Sequence[Tensor | None] | None = None) -> dict[str, Tensor | None]:
+    """Right-pad `[n_i, d]` features (and `[n_i, 2]` coords) to `[b, n_max, ...]` with a tile_mask;
+    slide sizes become `[b, 2]` (NaN rows where unknown)."""
     feats = [f.squeeze(0) if f.dim() == 3 else f for f, _ in items]
     n_max = max(f.shape[0] for f in feats)
     b, d = len(feats), feats[0].shape[-1]
@@ -416,8 +423,12 @@ def _pad_tiles(items: Sequence[tuple[Tensor, Tensor | None]], device: torch.devi
         mask[i, : f.shape[0]] = True
         if coords is not None and c is not None:
             coords[i, : f.shape[0]] = c.squeeze(0) if c.dim() == 3 else c
+    if slide_sizes is not None and len(slide_sizes) != b:
+        raise ValueError(f"{len(slide_sizes)} slide sizes for {b} items")
+    sizes = None if slide_sizes is None else stack_slide_sizes(list(slide_sizes))
     return {"tile_features": features.to(device), "tile_mask": mask.to(device),
-            "tile_coords": None if coords is None else coords.to(device)}
+            "tile_coords": None if coords is None else coords.to(device),
+            "slide_size_um": None if sizes is None else sizes.to(device)}
 
 
 @dataclass
@@ -429,7 +440,7 @@ class BatchGeneration:
         sequences: `[b, L]` left-padded prompts followed by the generated ids (pad after a stop).
         attention_mask: `[b, L]` 1 on real prompt tokens and generated answer tokens.
         answer_mask: `[b, L]` True at each item's generated tokens (its end-of-turn token included).
-        tiles: the padded `tile_features` / `tile_coords` / `tile_mask` the batch ran with.
+        tiles: the padded `tile_features` / `tile_coords` / `tile_mask` / `slide_size_um` the batch ran with.
     """
 
     answers: list[str]
@@ -449,11 +460,12 @@ def generate_batch(
     items: Sequence[tuple[Tensor, Tensor | None, str]],
     max_new_tokens: int = 256,
     system_prompt: str | None = None,
+    slide_sizes: Sequence[Tensor | None] | None = None,
 ) -> list[str]:
     """Greedy answers to many (tile_features, tile_coords, question) items; see `generate_batch_ids`."""
     if not items:
         return []
-    return generate_batch_ids(model, tokenizer, items, max_new_tokens, system_prompt).answers
+    return generate_batch_ids(model, tokenizer, items, max_new_tokens, system_prompt, slide_sizes).answers
 
 
 @torch.no_grad()
@@ -463,12 +475,15 @@ def generate_batch_ids(
     items: Sequence[tuple[Tensor, Tensor | None, str]],
     max_new_tokens: int = 256,
     system_prompt: str | None = None,
+    slide_sizes: Sequence[Tensor | None] | None = None,
 ) -> BatchGeneration:
     """Greedy answers to many (tile_features, tile_coords, question) items in one left-padded batch.
 
     Each question gets `<slide>\\n` in front unless it has `<slide>`. Prompts are left-padded
     (position ids follow the attention mask, so padding does not shift positions) and tiles are
-    right-padded to the longest slide with `tile_mask`. An item stops at its first end-of-turn
+    right-padded to the longest slide with `tile_mask`. `slide_sizes` gives each item's slide size in
+    µm (`[2]`, or None when unknown) for connectors that place tiles on the glass; None for all
+    unknown. An item stops at its first end-of-turn
     token; the batch stops when all have stopped or after `max_new_tokens`.
 
     Returns:
@@ -499,7 +514,7 @@ def generate_batch_ids(
         attention_mask[i, width - len(p):] = 1
     check_context(model, width, max_new_tokens, "generate_batch")
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    tiles = _pad_tiles([(f, c) for f, c, _ in items], device)
+    tiles = _pad_tiles([(f, c) for f, c, _ in items], device, slide_sizes)
     stop_ids = torch.tensor(sorted(end_of_turn_ids(tokenizer, model)), device=device)
 
     cache = _new_cache(model)
@@ -546,6 +561,7 @@ def answer_relevance(
     tile_coords: Tensor | None = None,
     tile_mask: Tensor | None = None,
     attention_mask: Tensor | None = None,
+    slide_size_um: Tensor | None = None,
 ) -> Tensor:
     """Per answer, how much each tile supports it: `[b, n]`, >= 0, summing to 1 over valid tiles.
 
@@ -560,6 +576,7 @@ def answer_relevance(
         answer_mask: `[b, L]` bool, True at answer tokens (at least one per row).
         tile_features, tile_coords, tile_mask: the slides, as for `forward`.
         attention_mask: `[b, L]` (None: all ones); left padding is handled with position ids.
+        slide_size_um: `[b, 2]` slide sizes in µm, as for `forward`.
     """
     device = next(model.parameters()).device
     input_ids, answer_mask = input_ids.to(device), answer_mask.to(device).bool()
@@ -577,6 +594,7 @@ def answer_relevance(
                     tile_features=tile_features.to(device),
                     tile_coords=None if tile_coords is None else tile_coords.to(device),
                     tile_mask=None if tile_mask is None else tile_mask.to(device),
+                    slide_size_um=None if slide_size_um is None else slide_size_um.to(device),
                     use_cache=False, output_attentions=True)
     finally:
         model.set_attn_implementation(previous)

@@ -52,7 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TILE_INPUT_NAMES = ("tile_features", "tile_coords", "tile_mask", "tile_scale")
+TILE_INPUT_NAMES = ("tile_features", "tile_coords", "tile_mask", "tile_scale", "slide_size_um")
 """Forward arguments that feed the connector; `generate` passes them on the prefill step only."""
 
 
@@ -177,6 +177,7 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
         tile_coords: Tensor | None = None,
         tile_mask: Tensor | None = None,
         tile_scale: Tensor | None = None,
+        slide_size_um: Tensor | None = None,
         labels: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         cache: Any | None = None,
@@ -191,11 +192,14 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
         Args:
             input_ids: `[b, L]` token ids, k placeholder ids per sample when tile_features are given.
-            attention_mask: `[b, L]` (or what the language model accepts).
+            attention_mask: `[b, L]`, or a custom `[b, 1, L, L]` boolean mask (True = may attend; from
+                isolated packing), turned into the additive mask eager / SDPA attention take.
             tile_features: `[b, n, d_enc]` cached tile features, one slide per sample.
             tile_coords: `[b, n, 2]` float, each tile's top-left (x, y) in micrometres.
             tile_mask: `[b, n]` bool, True for real tiles (None: all real).
             tile_scale: `[b, n]` long magnification index (None: all 0).
+            slide_size_um: `[b, 2]` float (width, height) of each scanned slide in micrometres, for
+                connectors that place tiles on the glass (`position_frame="slide"`); others ignore it.
             labels: `[b, L]`, -100 where no loss; shifted inside the language model.
             inputs_embeds: `[b, L, d_llm]` instead of input_ids (placeholders found by embedding).
             cache / past_key_values: the KV cache (transformers 5 calls it `cache`; both accepted).
@@ -225,7 +229,7 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if tile_features is not None:
             mask = self._placeholder_mask(input_ids, inputs_embeds)
             self._check_counts(mask, tile_features.shape[0])
-            out = self.connector(tile_features, tile_coords, tile_mask, tile_scale)
+            out = self.connector(tile_features, tile_coords, tile_mask, tile_scale, slide_size_um)
             slide_tokens = out.tokens.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
             # masked_scatter returns a new tensor: neither input_ids nor the caller's embeds change.
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device),
@@ -238,6 +242,8 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
             # decode steps may sample the placeholder id and are left alone.
             raise ValueError("input_ids hold slide placeholder tokens but no tile_features were given")
 
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            attention_mask = self._additive_mask(attention_mask, inputs_embeds.dtype)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -257,6 +263,15 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
             tile_relevance=tile_relevance,
             token_relevance=token_relevance,
         )
+
+    def _additive_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """A custom `[b, 1, q, k]` boolean mask (True = may attend; isolated packing) as the additive
+        float mask that eager and SDPA attention both take, in the activations' dtype."""
+        implementation = getattr(self.language_model.config, "_attn_implementation", None)
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(f"a 4-D attention mask (isolated packing) needs eager or sdpa attention, "
+                             f"not {implementation}")
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     # ----------------------------------------------------------------- generation
 

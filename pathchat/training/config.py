@@ -58,6 +58,8 @@ class DataConfig:
     tile_sample_seed: int = 0
     prompt_format: Literal["auto", "chat", "plain"] = "auto"  # auto: plain for align, chat for instruct
     pack_by_slide: bool = True  # all questions about one slide in one sequence
+    # With packing: every merged record sees the slide but not the others' turns (independent questions).
+    isolate_records: bool = False
     system_prompt: str | None = None
     skip_invalid: bool = False  # count and leave out bad records instead of failing
     standardize_features: bool = True  # fresh connectors learn per-dimension feature statistics first

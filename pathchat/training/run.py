@@ -192,14 +192,15 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
     dataset = ConversationDataset(records, store, tokenizer, k, max_length=cfg.data.max_length,
                                   prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
                                   system_prompt=cfg.data.system_prompt, skip_invalid=cfg.data.skip_invalid,
-                                  progress=t.progress)
+                                  progress=t.progress, isolate_records=cfg.data.isolate_records)
     eval_dataset = None
     if cfg.data.eval:
         eval_records, _ = load_stage_records(cfg, cfg.data.eval)
         eval_dataset = ConversationDataset(eval_records, store, tokenizer, k, max_length=cfg.data.max_length,
                                            prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
                                            system_prompt=cfg.data.system_prompt,
-                                           skip_invalid=cfg.data.skip_invalid, progress=False)
+                                           skip_invalid=cfg.data.skip_invalid, progress=False,
+                                           isolate_records=cfg.data.isolate_records)
     if cfg.data.standardize_features and not (cfg.stage == "instruct" and cfg.model.init_from):
         # A fresh connector: its standardiser gets the training slides' statistics (stage 2 keeps
         # stage 1's, which are part of the loaded weights).

@@ -77,8 +77,9 @@ class PathChatTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         sample_ids = inputs.pop("sample_ids", [])
-        if inputs.get("tile_coords") is None:
-            inputs.pop("tile_coords", None)
+        for optional in ("tile_coords", "slide_size_um"):
+            if inputs.get(optional) is None:
+                inputs.pop(optional, None)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if isinstance(result, tuple) else result

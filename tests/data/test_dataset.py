@@ -99,6 +99,14 @@ def test_collator_pads_tokens_and_tiles(toy, tok):
     assert batch["attention_mask"].sum(1).tolist() == [len(i["input_ids"]) for i in items]
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert batch["sample_ids"] == [items[0]["id"], items[1]["id"]]
+    # Slide sizes in µm (level-0 size x mpp 0.5) where the file records them, NaN rows where not.
+    sizes = {sid: SlideFeatureStore(toy["features"]).load(sid).slide_size_um for sid in ("slide000", "slide001")}
+    assert sizes["slide000"] is not None and sizes["slide000"].tolist() == [2560.0, 2048.0]
+    assert sizes["slide001"] is None
+    of = {s.slide: ds[j] for j, s in enumerate(ds.samples)}
+    mixed = PathChatCollator(pad_token_id=tok.pad_token_id)([of["slide000"], of["slide001"]])
+    assert mixed["slide_size_um"][0].tolist() == [2560.0, 2048.0] and mixed["slide_size_um"][1].isnan().all()
+    assert PathChatCollator(pad_token_id=tok.pad_token_id)([of["slide001"]])["slide_size_um"] is None
 
 
 def test_length_grouped_order_is_seeded_and_groups_lengths():

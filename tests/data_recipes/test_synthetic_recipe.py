@@ -128,8 +128,8 @@ def _parse_closed(user_text: str) -> tuple[str, list[str]]:
 def test_build_writes_every_file_with_consistent_counts(built: Path) -> None:
     summary = json.loads((built / "dataset.json").read_text())
     rows = {name: _read_jsonl(built / f"{name}.jsonl") for name in JSONL}
-    assert summary["counts"]["train_slides"] == len(rows["align"]) == len(rows["instruct"]) == CFG.train
-    assert summary["counts"]["heldout_slides"] == len(rows["heldout"]) == len(rows["heldout_align"]) == CFG.heldout
+    assert summary["counts"]["train_slides"] == len(rows["align"]) == len({r["slide"] for r in rows["instruct"]}) == CFG.train
+    assert summary["counts"]["heldout_slides"] == len(rows["heldout_align"]) == len({r["slide"] for r in rows["heldout"]}) == CFG.heldout
     assert summary["counts"]["rejected_slides"] == 0
     assert summary["encoder"] == "random-cnn-tiny" and summary["feature_dim"] == 64
     assert (built / "features").is_symlink()
@@ -152,7 +152,12 @@ def test_build_writes_every_file_with_consistent_counts(built: Path) -> None:
             assert rec["conversations"][0]["value"].startswith("<slide>\n")
             assert sum(t["value"].count("<slide>") for t in rec["conversations"]) == 1
             assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
-    assert all(len(r["conversations"]) >= 10 for r in rows["instruct"])  # several turns per slide
+    # Per training slide: one record per (independent) question, at least 9, and one 3-turn dialogue.
+    per_slide = Counter(r["slide"] for r in rows["instruct"] if not r["meta"].get("dialogue"))
+    assert min(per_slide.values()) >= 9
+    dialogues = [r for r in rows["instruct"] if r["meta"].get("dialogue")]
+    assert len(dialogues) == CFG.train and all(len(r["conversations"]) == 6 for r in dialogues)
+    assert all(len(r["conversations"]) == 2 for r in rows["instruct"] if not r["meta"].get("dialogue"))
 
 
 def test_same_seed_gives_identical_files_and_features(built: Path, tmp_path: Path) -> None:
@@ -199,10 +204,16 @@ def test_answers_follow_from_the_kept_tiles(built: Path) -> None:
         answer = q["options"][LETTERS.index(q["answer"])] if q["kind"] == "closed" else q["answer"]
         assert _expected_ok(q["category"], q["question"], answer, q["options"], pixels[q["slide"]]), q
         checked[q["category"]] += 1
+    reports = {r["slide"]: r["conversations"][1]["value"]
+               for r in _read_jsonl(built / "align.jsonl") + _read_jsonl(built / "heldout_align.jsonl")}
     for rec in _read_jsonl(built / "instruct.jsonl") + _read_jsonl(built / "heldout.jsonl"):
         conv = rec["conversations"]
         for (user, gpt), cat in zip(zip(conv[::2], conv[1::2], strict=True), rec["meta"]["categories"], strict=True):
             text = user["value"].removeprefix("<slide>\n")
+            if cat == "report":  # a dialogue opens with the slide's own stage-1 report
+                assert rec["meta"]["dialogue"] and gpt["value"] == reports[rec["slide"]]
+                checked[cat] += 1
+                continue
             if QUESTION_TYPES[cat].kind == "closed":
                 question, options = _parse_closed(text)
                 assert format_closed_question(question, options) == text
@@ -251,6 +262,8 @@ def test_answer_letters_are_balanced_per_question_type() -> None:
     records = build_records(truths, seed=5)
     letters: dict[str, Counter] = {}
     for rec in records["instruct"]:
+        if rec["meta"].get("dialogue"):
+            continue  # repeats questions of the slide's own records
         conv = rec["conversations"]
         for user, gpt, cat in zip(conv[::2], conv[1::2], rec["meta"]["categories"], strict=True):
             if QUESTION_TYPES[cat].kind == "closed":

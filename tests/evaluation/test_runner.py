@@ -198,3 +198,30 @@ def test_every_shipped_eval_config_loads(config: Path, tmp_path: Path, monkeypat
     else:
         with pytest.raises(ValueError, match="--data is required"):
             build_config(config, out=str(tmp_path))
+
+
+def test_zeroed_control_shows_a_blank_slide(tiny_checkpoint: Path, slidebench_features: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zeroing only the features would leave the tile positions and count (layout and amount of tissue
+    stay readable); the control shows one all-zero tile at the origin, with no slide size."""
+    import torch
+
+    import pathchat.model.generation as generation
+
+    seen: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def record(model, tokenizer, items, max_new_tokens=256, system_prompt=None, slide_sizes=None):
+        seen.extend((f, c, s) for (f, c, _), s in zip(items, slide_sizes or [None] * len(items), strict=True))
+        return ["A"] * len(items)
+
+    monkeypatch.setattr(generation, "generate_batch", record)
+    args = ["--model", tiny_checkpoint, "--task", "slidebench", "--data", SLIDEBENCH, "--features",
+            slidebench_features, "--out", tmp_path / "run", "--limit", 4, "--consistency-repeats", 0]
+    assert _eval(*args) == 0
+    assert len(seen) >= 4 * 2  # slide and zeroed (shuffled too when the questions span several slides)
+    blank = [(f, c, s) for f, c, s in seen if f.shape[0] == 1 and not f.any()]
+    assert len(blank) == 4
+    for _, c, s in blank:
+        assert c is None or (c.shape == (1, 2) and not c.any())
+        assert s is None
+    assert all(f.shape[0] > 1 for f, _, _ in seen if not any(f is b for b, _, _ in blank))

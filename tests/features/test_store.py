@@ -95,6 +95,8 @@ def test_attrs_round_trip_on_root_features_and_coords(tmp_path):
     assert a["slide_info"] == '{"vendor": "aperio"}' and a["from_bag"] == "kept" and "skipped" not in a
     assert a["ragged"] == "[[1, 2], [3]]" and a["where"] == str(tmp_path / "x")
     assert a["overlap"] == 0 and a["level0_width"] == 4096 and a["target_mpp"] == 0.5
+    assert back.slide_size_um().tolist() == [1024.0, 512.0]  # level-0 size x mpp 0.25
+    assert _bag().slide_size_um() is None  # no level0_width / level0_height recorded
     # the typed values are fields, not repeated in attrs
     assert not {"encoder", "dim", "mpp", "patch_size_level0", "target_magnification"} & set(a)
     # and writing the bag back reproduces the same attributes

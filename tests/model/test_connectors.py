@@ -279,3 +279,98 @@ def test_grouped_kv_heads_match_repeated_kv_reference():
     torch.testing.assert_close(out_explicit, ref)
     assert weights is not None
     torch.testing.assert_close(weights, attn.mean(1))
+
+
+def _piece_at(x0_um: float, y0_um: float, tile_um: float = 256.0) -> torch.Tensor:
+    """`[1, 9, 2]` top-left corners of a 3 x 3-tile piece of tissue whose corner is at (x0, y0)."""
+    ij = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing="xy"), dim=-1).reshape(1, 9, 2)
+    return ij.float() * tile_um + torch.tensor([x0_um, y0_um])
+
+
+@pytest.mark.parametrize("name", ["scale_invariant", "pool"])
+def test_slide_frame_sees_where_tissue_lies_on_the_glass(name):
+    import dataclasses
+
+    tissue_frame = make(name)
+    torch.manual_seed(0)
+    slide_frame = build_connector(dataclasses.replace(small_config(name), position_frame="slide"), D_ENC, D_LLM).eval()
+    feats = torch.randn(1, 9, D_ENC, generator=torch.Generator().manual_seed(8))
+    size = torch.tensor([[4096.0, 4096.0]])  # a 4.096 mm square slide
+    upper_left, lower_right = _piece_at(256, 256), _piece_at(3072, 3072)
+    with torch.no_grad():
+        ul = slide_frame(feats, upper_left, None, slide_size_um=size)
+        lr = slide_frame(feats, lower_right, None, slide_size_um=size)
+        # The tissue frame only sees the piece itself: the same tokens wherever it lies.
+        torch.testing.assert_close(tissue_frame(feats, upper_left, None, slide_size_um=size).tokens,
+                                   tissue_frame(feats, lower_right, None, slide_size_um=size).tokens,
+                                   atol=1e-4, rtol=0)
+        unknown = slide_frame(feats, upper_left, None, slide_size_um=torch.full((1, 2), float("nan")))
+        no_size = slide_frame(feats, upper_left, None)
+    assert (ul.tokens - lr.tokens).abs().max() > 1e-2
+    assert torch.equal(unknown.tokens, no_size.tokens)  # a NaN row = size unknown
+    assert (no_size.tokens - ul.tokens).abs().max() > 1e-3  # the fallback extent is the tiles' own
+    if name == "pool":
+        # 4 x 4 cells of 1,024 µm: the upper-left piece fills cell 0 alone, the lower-right cell 15.
+        empty = slide_frame.empty_token
+        occupied = [i for i in range(16) if not torch.equal(ul.tokens[0, i], empty)]
+        assert occupied == [0]
+        assert [i for i in range(16) if not torch.equal(lr.tokens[0, i], empty)] == [15]
+        torch.testing.assert_close(ul.tokens[0, 0], lr.tokens[0, 15])
+    with pytest.raises(ValueError, match=r"slide_size_um must be \[1, 2\]"):
+        slide_frame(feats, upper_left, None, slide_size_um=torch.ones(2))
+
+
+@pytest.mark.parametrize("name", ["mlp", "resampler"])
+def test_connectors_without_a_frame_ignore_slide_size(name):
+    conn = make(name)
+    feats, coords = slide(40, seed=9)
+    with torch.no_grad():
+        assert torch.equal(conn(feats, coords, None, slide_size_um=torch.tensor([[1e4, 2e4]])).tokens,
+                           conn(feats, coords, None).tokens)
+
+
+def test_position_frames_and_their_errors():
+    from pathchat.model.connectors.positions import frame_coords_um, grid_cells, stack_slide_sizes
+
+    coords = torch.tensor([[[1000.0, 3000.0], [1500.0, 3000.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False]])
+    rel, extent = frame_coords_um(coords, mask, "tissue")
+    assert rel.tolist() == [[[0.0, 0.0], [500.0, 0.0], [0.0, 0.0]]] and extent.tolist() == [[500.0, 0.0]]
+    glass, size = frame_coords_um(coords, mask, "slide", torch.tensor([[4000.0, 4000.0]]))
+    assert glass.tolist() == [[[1000.0, 3000.0], [1500.0, 3000.0], [0.0, 0.0]]] and size.tolist() == [[4000.0, 4000.0]]
+    assert grid_cells(glass, size, 2)[mask].tolist() == [2, 2]  # lower left of the slide
+    _, seen = frame_coords_um(coords, mask, "slide", None)
+    assert seen.tolist() == [[1500.0, 3000.0]]
+    sizes = stack_slide_sizes([torch.tensor([10.0, 20.0]), None])
+    assert sizes is not None and sizes[0].tolist() == [10.0, 20.0] and sizes[1].isnan().all()
+    assert stack_slide_sizes([None, None]) is None
+    with pytest.raises(ValueError, match="unknown position frame 'glass'"):
+        frame_coords_um(coords, mask, "glass")
+    for cls in (ScaleInvariantConfig, PoolConfig):
+        with pytest.raises(ValueError, match=r"position_frame must be one of \['tissue', 'slide'\]"):
+            cls(position_frame="glass")
+
+
+def test_local_grid_tokens_see_only_their_own_cell():
+    torch.manual_seed(0)
+    config = ScaleInvariantConfig(grid_size=2, num_latents=4, hidden_dim=32, num_heads=4, num_kv_heads=2,
+                                  num_frequencies=8, position_frame="slide", local_grid=True)
+    conn = build_connector(config, D_ENC, D_LLM).eval()
+    size = torch.tensor([[4096.0, 4096.0]])
+    coords = torch.cat([_piece_at(256, 256), _piece_at(3072, 256)], dim=1)  # upper left, upper right
+    feats = torch.randn(1, 18, D_ENC, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = conn(feats, coords, None, slide_size_um=size)
+        # padding tiles change nothing, with per-query masks too
+        padded = conn(torch.cat([feats, torch.randn(1, 5, D_ENC)], 1), torch.cat([coords, torch.rand(1, 5, 2) * 4096], 1),
+                      torch.cat([torch.ones(1, 18, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.bool)], 1),
+                      slide_size_um=size)
+    rel = out.token_relevance[0]  # [k, n]: rows 0-3 are the cells, 4-7 the latents
+    assert rel[0, :9].sum() == pytest.approx(1.0, abs=1e-5) and rel[0, 9:].abs().max() == 0
+    assert rel[1, 9:].sum() == pytest.approx(1.0, abs=1e-5) and rel[1, :9].abs().max() == 0
+    assert (rel[4:] > 0).all()  # latents read every tile
+    torch.testing.assert_close(padded.tokens, out.tokens, atol=1e-5, rtol=0)
+    # the gated, per-query-masked cross-attention trains without NaN (empty cells included)
+    conn.train()
+    conn(feats, coords, None, slide_size_um=size).tokens.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in conn.parameters() if p.grad is not None)

@@ -194,3 +194,33 @@ def test_batch_refuses_beyond_max_positions(tiny):
     with pytest.raises(ValueError, match=rf"generate_batch: the prompt is \d+ tokens .* max_new_tokens is "
                                          rf"{limit}, .* max_position_embeddings is {limit}"):
         generate_batch(model, tokenizer, items, max_new_tokens=limit)
+
+
+def test_slide_size_reaches_the_connector_on_every_path():
+    """With a slide-frame connector the slide's size changes the answer's logits, and batch, single
+    and session generation all pass it through (and agree)."""
+    from tiny_models import SLIDE_FRAME_CONNECTOR
+
+    model, tokenizer = build_tiny("qwen2", SLIDE_FRAME_CONNECTOR)
+    features, coords = _slide(12, 3)
+    small, large = torch.tensor([5000.0, 5000.0]), torch.tensor([40_000.0, 40_000.0])
+    question = "Where is the tissue?"
+    prompt = render_conversation([{"role": "user", "content": f"<slide>\n{question}"}], tokenizer, K,
+                                 add_generation_prompt=True).input_ids
+    with torch.no_grad():
+        logits = {name: model(input_ids=torch.tensor([prompt]), tile_features=features[None], tile_coords=coords[None],
+                              slide_size_um=size[None]).logits[0, -1]
+                  for name, size in (("small", small), ("large", large))}
+    assert (logits["small"] - logits["large"]).abs().max() > 1e-3
+    items = [(features, coords, question), (features, coords, question)]
+    batched = generate_batch(model, tokenizer, items, max_new_tokens=6, slide_sizes=[small, large])
+    singles = [generate_batch(model, tokenizer, [items[0]], max_new_tokens=6, slide_sizes=[s])[0] for s in (small, large)]
+    assert batched == singles
+    session = ChatSession(model, tokenizer, features, coords, slide_size_um=large, keep_prefill_logits=True)
+    assert session.ask(question, max_new_tokens=6) == singles[1]
+    torch.testing.assert_close(session.last_logits[0][-1], logits["large"], atol=1e-5, rtol=1e-5)
+    result = generate_batch_ids(model, tokenizer, items, max_new_tokens=4, slide_sizes=[small, None])
+    assert result.tiles["slide_size_um"] is not None and result.tiles["slide_size_um"][1].isnan().all()
+    assert answer_relevance(model, **result.relevance_inputs()).shape == (2, 12)
+    with pytest.raises(ValueError, match="1 slide sizes for 2 items"):
+        generate_batch(model, tokenizer, items, max_new_tokens=2, slide_sizes=[small])

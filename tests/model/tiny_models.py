@@ -22,10 +22,16 @@ def text_config(kind: str, vocab_size: int) -> dict:
     }
 
 
-def build_tiny(kind: str) -> tuple[PathChatForConditionalGeneration, object]:
+#: A connector that places tiles on the glass (`slide_size_um` matters); also k = 8 tokens.
+SLIDE_FRAME_CONNECTOR = {"type": "scale_invariant", "grid_size": 2, "num_latents": 4, "hidden_dim": 32,
+                         "num_heads": 4, "num_layers": 1, "position_frame": "slide"}
+
+
+def build_tiny(kind: str, connector: dict | None = None,
+               feature_dim: int = FEATURE_DIM) -> tuple[PathChatForConditionalGeneration, object]:
     """(model in eval mode, tokenizer with slide tokens) for "qwen2" or "llama", deterministic (seed 0)."""
     tokenizer = build_test_tokenizer("qwen2" if kind == "qwen2" else "llama3")
     add_slide_tokens(tokenizer)
     torch.manual_seed(0)
-    model = build_pathchat(text_config(kind, len(tokenizer)), tokenizer, FEATURE_DIM, CONNECTOR)
+    model = build_pathchat(text_config(kind, len(tokenizer)), tokenizer, feature_dim, connector or CONNECTOR)
     return model.eval(), tokenizer

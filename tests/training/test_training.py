@@ -128,3 +128,15 @@ def test_missing_features_error_names_slide_and_record(toy, tmp_path):
         {"from": "human", "value": "<slide>\nHi"}, {"from": "gpt", "value": "Hello."}]}) + "\n")
     with pytest.raises(FileNotFoundError, match=r"slide 'nope' \(record 'r1'\)"):
         train_stage(_cfg(toy, "align", tmp_path / "o", **{"data.train": [str(bad)]}))
+
+
+def test_isolated_packing_trains_and_changes_what_each_answer_sees(toy, tmp_path):
+    # Two records per slide (its question record and its report record), packed into one sequence.
+    both = {"data.train": [str(toy["instruct"]), str(toy["align"])], "training.max_steps": 4,
+            "training.save_steps": 0}
+    isolated = train_stage(_cfg(toy, "instruct", tmp_path / "iso", **both, **{"data.isolate_records": True}))
+    shared = train_stage(_cfg(toy, "instruct", tmp_path / "conv", **both))
+    assert isolated.global_step == 4 and all(map(torch.isfinite, torch.tensor(isolated.losses)))
+    assert isolated.losses[-1] < isolated.losses[0]
+    # Same weights, same batch at step 1: only the attention between the packed records differs.
+    assert abs(isolated.losses[0] - shared.losses[0]) > 1e-4

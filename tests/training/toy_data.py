@@ -29,7 +29,9 @@ def make_toy_dataset(folder: Path, n_slides: int = 12, seed: int = 0) -> dict[st
         sid = f"slide{i:03d}"
         bag = FeatureBag(features=features, coords=coords, slide_id=sid, encoder="toy", mpp=0.5,
                          patch_size_level0=256, magnification=20.0, source_format="pathchat")
-        write_features_h5(feats_dir / f"{sid}.h5", bag)
+        # Even slides record the scanned size (as the tiler does), odd ones do not (as CLAM's files).
+        write_features_h5(feats_dir / f"{sid}.h5", bag,
+                          attrs={"level0_width": 5120, "level0_height": 4096} if i % 2 == 0 else None)
         align.append({"id": f"align-{sid}", "slide": sid, "conversations": [
             {"from": "human", "value": "<slide>\nDescribe the slide."},
             {"from": "gpt", "value": f"The tissue is {COLOURS[c]}."}]})

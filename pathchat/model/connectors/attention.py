@@ -22,8 +22,8 @@ def cross_attention_weights(q: Tensor, k: Tensor, v: Tensor, tile_mask: Tensor |
     `Tensor.softmax` over 10^4-long rows, and it allocates nothing beyond the logits.
 
     Args:
-        q: `[b, h, k, dh]`; k, v: `[b, h, n, dh]`; tile_mask: `[b, n]` bool (True = attend), or
-            None when no tile is padding.
+        q: `[b, h, k, dh]`; k, v: `[b, h, n, dh]`; tile_mask: `[b, n]` bool (True = attend), or a
+            per-query `[b, k, n]`, or None when no tile is padding.
 
     Returns:
         `(out [b, h, k, dh], weights [b, k, n])`, weights in float32 (float64 for float64 inputs),
@@ -41,7 +41,8 @@ def cross_attention_weights(q: Tensor, k: Tensor, v: Tensor, tile_mask: Tensor |
         if attn.dtype in (torch.float16, torch.bfloat16):  # softmax over 10^4+ tiles in float32
             attn = attn.float()
         if tile_mask is not None:
-            attn.masked_fill_(~tile_mask[:, None, None, :], float("-inf"))
+            keep = tile_mask[:, None, None, :] if tile_mask.dim() == 2 else tile_mask[:, None]
+            attn.masked_fill_(~keep, float("-inf"))
         if attn.requires_grad:  # autograd needs exp's output intact
             attn = (attn - attn.amax(dim=-1, keepdim=True)).exp()
             attn = attn / attn.sum(dim=-1, keepdim=True)
@@ -84,14 +85,15 @@ class QueryBlock(nn.Module):
         return x.view(b, m, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, queries: Tensor, memory_kv: Tensor, tile_mask: Tensor | None,
-                need_weights: bool) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool, query_gate: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """One block.
 
         Args:
             queries: `[b, k, d]`.
             memory_kv: `[b, n, 2 * num_kv_heads * dh]` this block's keys and values of the tiles.
-            tile_mask: `[b, n]` bool, or None when no tile is padding.
+            tile_mask: `[b, n]` bool, a per-query `[b, k, n]`, or None when no tile is padding.
             need_weights: also return the cross-attention weights `[b, k, n]` averaged over heads.
+            query_gate: `[b, k]`, multiplies each query's cross-attention output (0 = take nothing).
         """
         b, nq, d = queries.shape
         h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -104,14 +106,17 @@ class QueryBlock(nn.Module):
         q = q.permute(0, 2, 3, 1, 4).reshape(b, hkv, (h // hkv) * nq, dh)
         k, v = (self._heads(t, hkv) for t in memory_kv.chunk(2, dim=-1))
         weights = None
+        # A per-query mask follows the queries' grouped layout: (group, query) along one axis.
+        mask = tile_mask if tile_mask is None or tile_mask.dim() == 2 else tile_mask.repeat(1, h // hkv, 1)
         if need_weights:
-            out, weights = cross_attention_weights(q, k, v, tile_mask)
+            out, weights = cross_attention_weights(q, k, v, mask)
             weights = weights.view(b, h // hkv, nq, -1).mean(dim=1)
         else:
-            attn_mask = None if tile_mask is None else tile_mask[:, None, None, :]
+            attn_mask = None if mask is None else (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.view(b, hkv, h // hkv, nq, dh).permute(0, 3, 1, 2, 4).reshape(b, nq, d)
-        queries = queries + self.cross_out(out)
+        out = self.cross_out(out)
+        queries = queries + (out if query_gate is None else out * query_gate[..., None].to(out.dtype))
         queries = queries + self.ffn(self.norm_ffn(queries))
         return queries, weights
 
@@ -136,12 +141,15 @@ class QueryTransformer(nn.Module):
         self.blocks = nn.ModuleList(QueryBlock(dim, num_heads, num_kv_heads, ffn_ratio) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(dim)
 
-    def forward(self, queries: Tensor, memory: Tensor, tile_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """queries `[b, k, d]`, memory `[b, n, d]`, tile_mask `[b, n]` -> (`[b, k, d]`, token_relevance `[b, k, n]`)."""
+    def forward(self, queries: Tensor, memory: Tensor, tile_mask: Tensor,
+                query_gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """queries `[b, k, d]`, memory `[b, n, d]`, tile_mask `[b, n]` (or per query `[b, k, n]`; every
+        row needs a True), query_gate `[b, k]` (see `QueryBlock`) -> (`[b, k, d]`, token_relevance `[b, k, n]`)."""
         memory_kv = self.memory_kv(self.norm_memory(memory)).chunk(len(self.blocks), dim=-1)
         mask = None if bool(tile_mask.all()) else tile_mask  # unmasked kernels are faster
         weights: Tensor | None = None
         for i, block in enumerate(self.blocks):
-            queries, weights = block(queries, memory_kv[i], mask, need_weights=i == len(self.blocks) - 1)
+            queries, weights = block(queries, memory_kv[i], mask, need_weights=i == len(self.blocks) - 1,
+                                     query_gate=query_gate)
         assert weights is not None
         return self.norm_out(queries), weights

@@ -71,7 +71,7 @@ class ConnectorConfig:
 
 
 class Connector(nn.Module):
-    """Base class: `forward(tile_features, tile_coords_um, tile_mask, tile_scale) -> ConnectorOutput`.
+    """Base class: `forward(tile_features, tile_coords_um, tile_mask, tile_scale, slide_size_um) -> ConnectorOutput`.
 
     Inputs (shared by every connector):
         tile_features: `[b, n, d_enc]` float.
@@ -79,13 +79,15 @@ class Connector(nn.Module):
             (level-0 pixels x mpp, computed by the caller), or None when unknown.
         tile_mask: `[b, n]` bool, True for real tiles; None means all real.
         tile_scale: `[b, n]` long, 0 = primary magnification, 1 = the optional coarser one; None = all 0.
+        slide_size_um: `[b, 2]` float, (width, height) of the scanned slide in micrometres, or None;
+            read only by connectors whose `position_frame` is "slide".
     """
 
     config_class: ClassVar[type[ConnectorConfig]] = ConnectorConfig
     num_tokens: int
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
-                tile_scale: Tensor | None = None) -> ConnectorOutput:
+                tile_scale: Tensor | None = None, slide_size_um: Tensor | None = None) -> ConnectorOutput:
         raise NotImplementedError
 
 

@@ -111,7 +111,7 @@ class MLPConnector(Connector):
         self.padding_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
-                tile_scale: Tensor | None = None) -> ConnectorOutput:
+                tile_scale: Tensor | None = None, slide_size_um: Tensor | None = None) -> ConnectorOutput:
         """`[b, n, d_enc]` -> `[b, k, d_llm]`; relevance is uniform over the tiles used.
 
         token_relevance: a tile's token is one-hot on that tile; padding tokens are uniform over

@@ -1,6 +1,7 @@
 """Baseline: WSI-LLaVA-like spatial pooling of tile features to a g x g grid, then an MLP.
 
-Cells tile the slide's bounding box in µm; an empty cell gets a learned token. Cheap and
+Cells tile the tissue's bounding box in µm (or the whole slide, in the "slide" frame); an empty
+cell gets a learned token. Cheap and
 parameter-light: it shows what attention adds over plain spatial averaging.
 """
 
@@ -19,7 +20,7 @@ from pathchat.model.connectors.base import (
     normalise_relevance,
     tile_normalisation,
 )
-from pathchat.model.connectors.positions import grid_cells, masked_grid_mean, relative_coords_um
+from pathchat.model.connectors.positions import POSITION_FRAMES, frame_coords_um, grid_cells, masked_grid_mean
 
 
 @dataclass
@@ -29,16 +30,21 @@ class PoolConfig(ConnectorConfig):
     Attributes:
         type: registry tag, always "pool".
         grid_size: g; the g x g cells are the output tokens, row-major.
+        position_frame: "tissue" (cells over the tissue's bounding box) or "slide" (over the slide's
+            size, `slide_size_um`).
     """
 
     type: str = "pool"
     grid_size: int = 12
+    position_frame: str = "tissue"
 
     def __post_init__(self) -> None:
         if self.type != "pool":
             raise ValueError(f"PoolConfig.type must be 'pool', got {self.type!r}")
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be >= 1, got {self.grid_size}")
+        if self.position_frame not in POSITION_FRAMES:
+            raise ValueError(f"position_frame must be one of {list(POSITION_FRAMES)}, got {self.position_frame!r}")
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +65,7 @@ class PoolConnector(Connector):
         self.empty_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
-                tile_scale: Tensor | None = None) -> ConnectorOutput:
+                tile_scale: Tensor | None = None, slide_size_um: Tensor | None = None) -> ConnectorOutput:
         """`[b, n, d_enc]` -> `[b, g*g, d_llm]`.
 
         token_relevance: an occupied cell's token weighs its tiles 1/count each; an empty cell's
@@ -68,7 +74,7 @@ class PoolConnector(Connector):
         """
         tile_mask, _ = check_inputs(tile_features, tile_coords_um, tile_mask, tile_scale)
         g2 = self.num_tokens
-        rel_um, extent_um = relative_coords_um(tile_coords_um, tile_mask)
+        rel_um, extent_um = frame_coords_um(tile_coords_um, tile_mask, self.config.position_frame, slide_size_um)
         cells = grid_cells(rel_um, extent_um, self.config.grid_size)
         features = tile_features.to(self.empty_token.dtype)
         pooled, counts = masked_grid_mean(features, cells, tile_mask, g2)  # [b, G, d_enc], [b, G]

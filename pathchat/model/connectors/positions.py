@@ -1,8 +1,10 @@
-"""Tile positions in physical units: slide-relative micrometres, a Fourier encoding and a coarse grid.
+"""Tile positions in physical units: micrometres in a chosen frame, a Fourier encoding and a coarse grid.
 
-Positions are taken relative to each slide's own tile bounding-box origin, so a translated slide
-gives the same tokens, and in micrometres, so the same tissue scanned at any resolution looks the
-same. Phases are computed in float64: at 50 mm and a 32 µm wavelength float32 loses ~1e-3 rad.
+Two frames. "tissue" (the default) takes positions relative to each slide's own tile bounding box, so
+a translated slide gives the same tokens. "slide" keeps them on the glass (origin at the slide's
+top-left corner, extent = the scanned area), so "upper left of the slide" means what the viewer
+shows. Both are in micrometres, so the same tissue scanned at any resolution looks the same. Phases
+are computed in float64: at 50 mm and a 32 µm wavelength float32 loses ~1e-3 rad.
 """
 
 from __future__ import annotations
@@ -33,6 +35,51 @@ def relative_coords_um(tile_coords_um: Tensor | None, tile_mask: Tensor) -> tupl
     origin = coords.masked_fill(~valid, math.inf).amin(dim=1, keepdim=True)  # [b, 1, 2]
     rel = (coords - origin).masked_fill(~valid, 0.0)
     return rel, rel.amax(dim=1)
+
+
+POSITION_FRAMES: tuple[str, ...] = ("tissue", "slide")
+
+
+def stack_slide_sizes(sizes: list[Tensor | None]) -> Tensor | None:
+    """`[b, 2]` slide sizes in µm, NaN rows where a slide's size is unknown; None when none is known."""
+    if all(s is None for s in sizes):
+        return None
+    return torch.stack([torch.full((2,), math.nan) if s is None else s.reshape(2).float().cpu() for s in sizes])
+
+
+def frame_coords_um(tile_coords_um: Tensor | None, tile_mask: Tensor, frame: str,
+                    slide_size_um: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Tile positions and the extent a grid spans, in the connector's position frame.
+
+    Args:
+        tile_coords_um: `[b, n, 2]` top-left (x, y) in µm from the slide's corner, or None.
+        tile_mask: `[b, n]` bool, True for real tiles.
+        frame: "tissue" (`relative_coords_um`) or "slide" (coordinates as given, extent = the
+            slide's size).
+        slide_size_um: `[b, 2]` (width, height) of the scanned area in µm (level-0 size x mpp);
+            only the "slide" frame reads it. Without it (None, or a NaN row for a slide whose size
+            is unknown) the extent falls back to the farthest tile corner seen, which is the
+            slide's size only when tissue reaches its edge.
+
+    Returns:
+        `(coords [b, n, 2] float64, extent [b, 2] float64)`, padding rows 0.
+    """
+    if frame == "tissue":
+        return relative_coords_um(tile_coords_um, tile_mask)
+    if frame != "slide":
+        raise ValueError(f"unknown position frame {frame!r}; known: {list(POSITION_FRAMES)}")
+    b, n = tile_mask.shape
+    if tile_coords_um is None:
+        zeros = torch.zeros(b, n, 2, dtype=torch.float64, device=tile_mask.device)
+        return zeros, zeros[:, 0]
+    coords = tile_coords_um.to(torch.float64).masked_fill(~tile_mask[..., None], 0.0)
+    seen = coords.amax(dim=1)
+    if slide_size_um is None:
+        return coords, seen
+    if tuple(slide_size_um.shape) != (b, 2):
+        raise ValueError(f"slide_size_um must be [{b}, 2], got {tuple(slide_size_um.shape)}")
+    size = slide_size_um.to(device=coords.device, dtype=torch.float64)
+    return coords, torch.where(size.isnan(), seen, size)
 
 
 class FourierPositions(nn.Module):

@@ -77,7 +77,7 @@ class ResamplerConnector(Connector):
         self.out_proj = nn.Linear(d, llm_dim)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
-                tile_scale: Tensor | None = None) -> ConnectorOutput:
+                tile_scale: Tensor | None = None, slide_size_um: Tensor | None = None) -> ConnectorOutput:
         """`[b, n, d_enc]` -> `[b, k, d_llm]`; coordinates and scale are ignored."""
         tile_mask, _ = check_inputs(tile_features, tile_coords_um, tile_mask, tile_scale)
         memory = self.tile_proj(tile_features.to(self.out_proj.weight.dtype))

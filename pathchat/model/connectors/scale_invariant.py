@@ -1,9 +1,11 @@
 """The default connector: a coarse spatial view of the slide plus learned latents query all tiles.
 
 Like PA-LLaVA's connector at gigapixel scale: `grid_size**2` queries are tile features pooled on a
-grid over the slide's bounding box (what is where), `num_latents` learned queries gather the rest,
-and every layer cross-attends to all tiles (memory O(k * n)). Tile positions are Fourier-encoded in
-slide-relative micrometres, so tokens do not depend on scanner resolution or slide placement.
+grid (what is where), `num_latents` learned queries gather the rest, and every layer cross-attends
+to all tiles (memory O(k * n)). Tile positions are Fourier-encoded in micrometres, so tokens do not
+depend on scanner resolution. In the default "tissue" frame the grid spans the tissue's bounding box
+and tokens do not depend on where the tissue lies on the glass either; the "slide" frame spans the
+whole slide instead, for models that must answer where on the slide something is.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from pathchat.model.connectors.base import (
     tile_normalisation,
 )
 from pathchat.model.connectors.positions import (
+    POSITION_FRAMES,
     FourierPositions,
+    frame_coords_um,
     grid_cells,
     masked_grid_mean,
-    relative_coords_um,
 )
 
 
@@ -36,7 +39,7 @@ class ScaleInvariantConfig(ConnectorConfig):
 
     Attributes:
         type: registry tag, always "scale_invariant".
-        grid_size: g; the coarse view has g x g query tokens (cells of the tile bounding box).
+        grid_size: g; the coarse view has g x g query tokens (cells of the frame's extent).
         num_latents: learned query tokens added to the grid queries.
         hidden_dim: width of queries and tile memory.
         num_heads: attention heads (must divide hidden_dim).
@@ -48,6 +51,12 @@ class ScaleInvariantConfig(ConnectorConfig):
         min_wavelength_um: shortest positional wavelength, in µm.
         max_wavelength_um: longest positional wavelength, in µm.
         num_scales: magnifications distinguished by a learned scale embedding (tile_scale values).
+        position_frame: "tissue" (positions and grid relative to the tissue's bounding box:
+            placement-invariant) or "slide" (on the glass, grid over the slide's size: needs
+            `slide_size_um` at every call to mean the same thing on every slide).
+        local_grid: each grid token cross-attends only to the tiles of its own cell (an empty cell's
+            token takes nothing from the tiles), so it says what is in that cell and nothing else;
+            off, grid tokens attend to every tile like the latents.
     """
 
     type: str = "scale_invariant"
@@ -62,6 +71,8 @@ class ScaleInvariantConfig(ConnectorConfig):
     min_wavelength_um: float = 32.0
     max_wavelength_um: float = 32_000.0
     num_scales: int = 2
+    position_frame: str = "tissue"
+    local_grid: bool = False
 
     def __post_init__(self) -> None:
         if self.type != "scale_invariant":
@@ -74,6 +85,8 @@ class ScaleInvariantConfig(ConnectorConfig):
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if not 0 < self.min_wavelength_um <= self.max_wavelength_um:
             raise ValueError("min_wavelength_um must be > 0 and <= max_wavelength_um")
+        if self.position_frame not in POSITION_FRAMES:
+            raise ValueError(f"position_frame must be one of {list(POSITION_FRAMES)}, got {self.position_frame!r}")
 
     @property
     def num_tokens(self) -> int:
@@ -96,15 +109,21 @@ class ScaleInvariantConnector(Connector):
         self.cell_embedding = nn.Parameter(torch.randn(config.grid_size**2, d) * 0.02)
         self.empty_cell = nn.Parameter(torch.zeros(d))
         self.latents = nn.Parameter(torch.randn(config.num_latents, d) * 0.02)
-        # Averages forget how much tissue there is; log tile counts (per cell, and of the slide for
-        # the latents) put extent back into the queries.
+        # Averages forget how much tissue there is; log tile counts (per cell for the grid tokens, of
+        # the slide for the latents) put extent back: into the queries, and again into the output
+        # tokens, where attention has not diluted them.
         self.count_proj = nn.Linear(1, d)
+        self.count_out = nn.Linear(1, d)
         self.transformer = QueryTransformer(d, config.num_heads, config.num_layers, config.ffn_ratio,
                                             num_kv_heads=config.num_kv_heads)
+        # Which token is which (grid cell r, c or latent j), added after the cross-attention: attention
+        # mixes the cell identity into the content, and the LLM's own positions cannot name a slide
+        # token when the text after it varies in length. At LayerNorm scale, so it is read from the start.
+        self.token_embedding = nn.Parameter(torch.randn(config.num_tokens, d))
         self.out_proj = nn.Linear(d, llm_dim)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
-                tile_scale: Tensor | None = None) -> ConnectorOutput:
+                tile_scale: Tensor | None = None, slide_size_um: Tensor | None = None) -> ConnectorOutput:
         """`[b, n, d_enc]` tiles -> `[b, k, d_llm]` tokens, relevance `[b, n]`, token_relevance `[b, k, n]`."""
         tile_mask, tile_scale = check_inputs(tile_features, tile_coords_um, tile_mask, tile_scale)
         if int(tile_scale.max()) >= self.config.num_scales or int(tile_scale.min()) < 0:
@@ -112,18 +131,26 @@ class ScaleInvariantConnector(Connector):
         b = tile_features.shape[0]
         g = self.config.grid_size
         content = self.tile_proj(tile_features.to(self.out_proj.weight.dtype))  # [b, n, d]
-        rel_um, extent_um = relative_coords_um(tile_coords_um, tile_mask)
+        rel_um, extent_um = frame_coords_um(tile_coords_um, tile_mask, self.config.position_frame, slide_size_um)
         memory = content + self.positions(rel_um, tile_scale)  # positions include the scale embedding
 
-        pooled, counts = masked_grid_mean(content, grid_cells(rel_um, extent_um, g), tile_mask, g * g)
+        cells = grid_cells(rel_um, extent_um, g)  # [b, n]
+        pooled, counts = masked_grid_mean(content, cells, tile_mask, g * g)
         grid_queries = torch.where(counts[..., None] > 0, pooled, self.empty_cell) + self.cell_embedding
         log_counts = torch.log1p(counts.to(content.dtype))[..., None]  # [b, g*g, 1]
-        grid_queries = grid_queries + self.count_proj(log_counts)
         total = torch.log1p(tile_mask.sum(dim=1, keepdim=True).to(content.dtype))[..., None]  # [b, 1, 1]
-        latents = self.latents.expand(b, -1, -1) + self.count_proj(total)
-        queries = torch.cat([grid_queries, latents], dim=1)
+        token_counts = torch.cat([log_counts, total.expand(-1, self.config.num_latents, -1)], dim=1)  # [b, k, 1]
+        queries = torch.cat([grid_queries, self.latents.expand(b, -1, -1)], dim=1) + self.count_proj(token_counts)
 
-        queries, token_relevance = self.transformer(queries, memory, tile_mask)
-        tokens = self.out_proj(queries)
+        cross_mask, gate = tile_mask, None
+        if self.config.local_grid:
+            own = (cells[:, None, :] == torch.arange(g * g, device=cells.device)[None, :, None]) & tile_mask[:, None, :]
+            # An empty cell has no tile to attend to: it attends to all of them and keeps nothing (gate 0).
+            occupied = own.any(dim=-1)  # [b, g*g]
+            own = torch.where(occupied[..., None], own, tile_mask[:, None, :])
+            cross_mask = torch.cat([own, tile_mask[:, None, :].expand(-1, self.config.num_latents, -1)], dim=1)
+            gate = torch.cat([occupied, occupied.new_ones(b, self.config.num_latents)], dim=1).float()
+        queries, token_relevance = self.transformer(queries, memory, cross_mask, gate)
+        tokens = self.out_proj(queries + self.token_embedding + self.count_out(token_counts))
         relevance = normalise_relevance(token_relevance.mean(dim=1), tile_mask)
         return ConnectorOutput(tokens=tokens, relevance=relevance, token_relevance=token_relevance)
