@@ -20,7 +20,12 @@ from pathchat.model.connectors.base import (
     normalise_relevance,
     tile_normalisation,
 )
-from pathchat.model.connectors.positions import POSITION_FRAMES, frame_coords_um, grid_cells, masked_grid_mean
+from pathchat.model.connectors.positions import (
+    check_position_frame,
+    frame_coords_um,
+    grid_cells,
+    masked_grid_mean,
+)
 
 
 @dataclass
@@ -43,8 +48,7 @@ class PoolConfig(ConnectorConfig):
             raise ValueError(f"PoolConfig.type must be 'pool', got {self.type!r}")
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be >= 1, got {self.grid_size}")
-        if self.position_frame not in POSITION_FRAMES:
-            raise ValueError(f"position_frame must be one of {list(POSITION_FRAMES)}, got {self.position_frame!r}")
+        check_position_frame(self.position_frame)
 
     @property
     def num_tokens(self) -> int:

@@ -40,6 +40,12 @@ def relative_coords_um(tile_coords_um: Tensor | None, tile_mask: Tensor) -> tupl
 POSITION_FRAMES: tuple[str, ...] = ("tissue", "slide")
 
 
+def check_position_frame(frame: str) -> None:
+    """Raise ValueError naming the known frames when `frame` is not one of them."""
+    if frame not in POSITION_FRAMES:
+        raise ValueError(f"position_frame must be one of {list(POSITION_FRAMES)}, got {frame!r}")
+
+
 def stack_slide_sizes(sizes: list[Tensor | None]) -> Tensor | None:
     """`[b, 2]` slide sizes in µm, NaN rows where a slide's size is unknown; None when none is known."""
     if all(s is None for s in sizes):
@@ -64,14 +70,11 @@ def frame_coords_um(tile_coords_um: Tensor | None, tile_mask: Tensor, frame: str
     Returns:
         `(coords [b, n, 2] float64, extent [b, 2] float64)`, padding rows 0.
     """
-    if frame == "tissue":
-        return relative_coords_um(tile_coords_um, tile_mask)
-    if frame != "slide":
+    if frame not in POSITION_FRAMES:
         raise ValueError(f"unknown position frame {frame!r}; known: {list(POSITION_FRAMES)}")
-    b, n = tile_mask.shape
-    if tile_coords_um is None:
-        zeros = torch.zeros(b, n, 2, dtype=torch.float64, device=tile_mask.device)
-        return zeros, zeros[:, 0]
+    if frame == "tissue" or tile_coords_um is None:
+        return relative_coords_um(tile_coords_um, tile_mask)  # without coordinates both frames are all zeros
+    b = tile_mask.shape[0]
     coords = tile_coords_um.to(torch.float64).masked_fill(~tile_mask[..., None], 0.0)
     seen = coords.amax(dim=1)
     if slide_size_um is None:

@@ -25,8 +25,8 @@ from pathchat.model.connectors.base import (
     tile_normalisation,
 )
 from pathchat.model.connectors.positions import (
-    POSITION_FRAMES,
     FourierPositions,
+    check_position_frame,
     frame_coords_um,
     grid_cells,
     masked_grid_mean,
@@ -85,8 +85,7 @@ class ScaleInvariantConfig(ConnectorConfig):
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if not 0 < self.min_wavelength_um <= self.max_wavelength_um:
             raise ValueError("min_wavelength_um must be > 0 and <= max_wavelength_um")
-        if self.position_frame not in POSITION_FRAMES:
-            raise ValueError(f"position_frame must be one of {list(POSITION_FRAMES)}, got {self.position_frame!r}")
+        check_position_frame(self.position_frame)
 
     @property
     def num_tokens(self) -> int:
@@ -146,7 +145,7 @@ class ScaleInvariantConnector(Connector):
         if self.config.local_grid:
             own = (cells[:, None, :] == torch.arange(g * g, device=cells.device)[None, :, None]) & tile_mask[:, None, :]
             # An empty cell has no tile to attend to: it attends to all of them and keeps nothing (gate 0).
-            occupied = own.any(dim=-1)  # [b, g*g]
+            occupied = counts > 0  # [b, g*g]
             own = torch.where(occupied[..., None], own, tile_mask[:, None, :])
             cross_mask = torch.cat([own, tile_mask[:, None, :].expand(-1, self.config.num_latents, -1)], dim=1)
             gate = torch.cat([occupied, occupied.new_ones(b, self.config.num_latents)], dim=1).float()
