@@ -51,6 +51,11 @@ class LearnConfig:
     instruct_epochs: float = 34.0
     instruct_lr: float = 2e-3
     batch_size: int = 8
+    # Stage 2 packs at most 9 of a slide's records into one sequence (about 2 packs a slide), 16 packs
+    # a batch: the same tokens a step as 8 whole slides, in shorter sequences. Measured against one
+    # pack per slide, batch 8: 0.873 -> 0.942 held-out, training slides fitted 0.997, 30% less time.
+    instruct_batch_size: int | None = 16  # None: batch_size
+    pack_max_records: int | None = 9
     eval_batch_size: int = 64
     consistency_repeats: int = 1
 
@@ -154,11 +159,12 @@ def _stage(stage: str, out: Path, data: Path, base: Path, cfg: LearnConfig, **ex
         output_dir=str(out),
         model=ModelConfig(language_model=str(base), connector=dict(cfg.connector), seed=cfg.seed, **extra),
         data=DataConfig(train=[str(f) for f in train_files], features=str(data / "features"), max_length=2048,
-                        max_tiles=None, isolate_records=True),
+                        max_tiles=None, isolate_records=True, pack_max_records=cfg.pack_max_records),
         training=TrainingConfig(
             epochs=cfg.align_epochs if stage == "align" else cfg.instruct_epochs,
             learning_rate=cfg.align_lr if stage == "align" else cfg.instruct_lr,
-            batch_size=cfg.batch_size, warmup_ratio=0.05, weight_decay=0.0, seed=cfg.seed,
+            batch_size=cfg.batch_size if stage == "align" else cfg.instruct_batch_size or cfg.batch_size,
+            warmup_ratio=0.05, weight_decay=0.0, seed=cfg.seed,
             logging_steps=25, save_steps=0, report_to=[], progress=False, resume="never"),
     )
 

@@ -172,7 +172,7 @@ def _parse(where: str, raw: Any, require_slide: bool) -> ConversationRecord:
     return ConversationRecord(id=rid, slide=slide, messages=messages, source_ids=[rid])
 
 
-def pack_by_slide(records: Sequence[ConversationRecord]) -> list[ConversationRecord]:
+def pack_by_slide(records: Sequence[ConversationRecord], max_records: int | None = None) -> list[ConversationRecord]:
     """Merge all records of one slide into one multi-turn record: one slide encoding, many answers.
 
     SlideChat-style data holds one question per record; packing puts every question about a slide
@@ -180,34 +180,52 @@ def pack_by_slide(records: Sequence[ConversationRecord]) -> list[ConversationRec
     marker stays in the first user turn only; a system message is kept from the first record.
     Slides keep the order of their first record. `segment_starts` remembers where each record
     begins, so the dataset can also keep the records apart (`isolate_records`).
+
+    With `max_records`, a slide with more records than that is split into the fewest packs that
+    hold at most `max_records` each, of near-equal sizes, in file order. Attention costs grow with
+    the square of the sequence length, so two half-length packs train faster than one long one
+    for the price of a second, short, slide prefix.
     """
+    if max_records is not None and max_records < 1:
+        raise ValueError(f"max_records must be >= 1 or None, got {max_records}")
     groups: dict[str | None, list[ConversationRecord]] = {}
     for rec in records:
         groups.setdefault(rec.slide, []).append(rec)
     packed: list[ConversationRecord] = []
     for slide, recs in groups.items():
-        if slide is None or len(recs) == 1:
+        if slide is None:
             packed.extend(recs)
             continue
-        messages: list[dict[str, str]] = []
-        if recs[0].messages[0]["role"] == "system":
-            messages.append(dict(recs[0].messages[0]))
-        starts = []
-        for rec in recs:
-            starts.append(len(messages))
-            for m in rec.messages:
-                if m["role"] == "system":
-                    continue
-                content = m["content"]
-                if m["role"] == "user":
-                    content = _strip_marker(content)
-                messages.append({"role": m["role"], "content": content})
-        first_user = next(m for m in messages if m["role"] == "user")
-        first_user["content"] = f"{SLIDE_TOKEN}\n{first_user['content']}"
-        ids = [i for r in recs for i in r.source_ids]
-        packed.append(ConversationRecord(id=f"{slide}::packed{len(recs)}", slide=slide,
-                                         messages=messages, source_ids=ids, segment_starts=starts))
+        parts = 1 if max_records is None else -(-len(recs) // max_records)
+        base, extra = divmod(len(recs), parts)
+        start = 0
+        for j in range(parts):
+            chunk = recs[start: start + base + (j < extra)]
+            start += len(chunk)
+            suffix = "" if parts == 1 else f"-{j + 1}of{parts}"
+            packed.append(chunk[0] if len(chunk) == 1 else _merge(slide, chunk, suffix))
     return packed
+
+
+def _merge(slide: str, recs: Sequence[ConversationRecord], suffix: str) -> ConversationRecord:
+    messages: list[dict[str, str]] = []
+    if recs[0].messages[0]["role"] == "system":
+        messages.append(dict(recs[0].messages[0]))
+    starts = []
+    for rec in recs:
+        starts.append(len(messages))
+        for m in rec.messages:
+            if m["role"] == "system":
+                continue
+            content = m["content"]
+            if m["role"] == "user":
+                content = _strip_marker(content)
+            messages.append({"role": m["role"], "content": content})
+    first_user = next(m for m in messages if m["role"] == "user")
+    first_user["content"] = f"{SLIDE_TOKEN}\n{first_user['content']}"
+    ids = [i for r in recs for i in r.source_ids]
+    return ConversationRecord(id=f"{slide}::packed{len(recs)}{suffix}", slide=slide, messages=messages,
+                              source_ids=ids, segment_starts=starts)
 
 
 def split_by_question(records: Sequence[ConversationRecord]) -> list[ConversationRecord]:

@@ -60,6 +60,9 @@ class DataConfig:
     pack_by_slide: bool = True  # all questions about one slide in one sequence
     # With packing: every merged record sees the slide but not the others' turns (independent questions).
     isolate_records: bool = False
+    # Split a slide's records into packs of at most this many (None: one pack per slide). Shorter
+    # sequences train faster: attention grows with the square of the length.
+    pack_max_records: int | None = None
     system_prompt: str | None = None
     skip_invalid: bool = False  # count and leave out bad records instead of failing
     standardize_features: bool = True  # fresh connectors learn per-dimension feature statistics first
@@ -122,6 +125,8 @@ class StageConfig:
             raise ConfigError(f"stage must be 'align' or 'instruct', got {self.stage!r}")
         if self.stage == "align" and self.lora.enabled:
             raise ConfigError("stage 'align' trains only the connector; lora.enabled must be false")
+        if self.data.pack_max_records is not None and self.data.pack_max_records < 1:
+            raise ConfigError(f"data.pack_max_records must be >= 1 or null, got {self.data.pack_max_records}")
 
     @property
     def prompt_format(self) -> str:

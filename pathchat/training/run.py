@@ -154,7 +154,7 @@ def load_stage_records(cfg: StageConfig, files: Sequence[str]) -> tuple[list[Con
     skipped = SkippedRecords()
     records = load_records(list(files), skip_invalid=cfg.data.skip_invalid, skipped=skipped)
     if cfg.stage == "instruct" and cfg.data.pack_by_slide:
-        records = pack_by_slide(records)
+        records = pack_by_slide(records, max_records=cfg.data.pack_max_records)
     return records, skipped.count
 
 

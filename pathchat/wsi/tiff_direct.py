@@ -43,7 +43,16 @@ class DirectTiffLevels:
         import tifffile
 
         self._tf = tifffile.TiffFile(path)
-        self._pages: dict[int, Any] = {}
+        try:
+            self._pages = self._match_pages(level_dimensions)
+        except BaseException:
+            self._tf.close()
+            raise
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_tiles = cache_tiles
+
+    def _match_pages(self, level_dimensions: tuple[tuple[int, int], ...]) -> dict[int, Any]:
+        matched: dict[int, Any] = {}
         pages: list[Any] = list(self._tf.pages)
         for level, (w, h) in enumerate(level_dimensions):
             for page in pages:
@@ -56,10 +65,9 @@ class DirectTiffLevels:
                     and page.planarconfig == 1
                     and page.imagedepth == 1
                 ):
-                    self._pages[level] = page
+                    matched[level] = page
                     break
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._cache_tiles = cache_tiles
+        return matched
 
     @classmethod
     def open(cls, path: str, vendor: str, level_dimensions: tuple[tuple[int, int], ...]) -> DirectTiffLevels | None:
@@ -71,7 +79,10 @@ class DirectTiffLevels:
         except Exception as e:  # noqa: BLE001 - any parsing problem just means "use OpenSlide"
             log.debug("%s: no direct TIFF decoding (%s)", path, e)
             return None
-        return reader if reader._pages else None
+        if not reader._pages:
+            reader.close()  # nothing to decode here: do not leave the file open until garbage collection
+            return None
+        return reader
 
     @property
     def levels(self) -> frozenset[int]:

@@ -76,3 +76,20 @@ def load_records_from(rows):
         p = Path(d) / "r.json"
         p.write_text(json.dumps(rows))
         return load_records(p)
+
+
+def test_pack_by_slide_splits_into_near_equal_packs_of_at_most_max_records():
+    rows = [_rec(f"a{i}", "s1", f"<slide>\nQ{i}?", f"A{i}.") for i in range(7)] + [_rec("b0", "s2", "<slide>\nQ?", "A.")]
+    recs = load_records_from(rows)
+    packed = pack_by_slide(recs, max_records=3)
+    # 7 records, at most 3 a pack: 3 packs of 3, 2, 2 in file order; a single record stays as it is
+    assert [r.source_ids for r in packed] == [["a0", "a1", "a2"], ["a3", "a4"], ["a5", "a6"], ["b0"]]
+    assert [r.id for r in packed] == ["s1::packed3-1of3", "s1::packed2-2of3", "s1::packed2-3of3", "b0"]
+    for r in packed[:3]:  # every pack shows the slide once, in its first turn, and keeps its records apart
+        assert r.messages[0]["content"].startswith("<slide>\n")
+        assert sum("<slide>" in m["content"] for m in r.messages) == 1
+        assert r.segment_starts == list(range(0, 2 * len(r.source_ids), 2))
+    assert [m["content"] for m in packed[1].messages] == ["<slide>\nQ3?", "A3.", "Q4?", "A4."]
+    assert [r.id for r in pack_by_slide(recs, max_records=7)] == ["s1::packed7", "b0"]
+    with pytest.raises(ValueError, match="max_records must be >= 1"):
+        pack_by_slide(recs, max_records=0)

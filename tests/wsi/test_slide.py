@@ -186,7 +186,26 @@ def test_direct_jpeg_decoding_is_pixel_identical_to_openslide(tmp_path):
         np.testing.assert_array_equal(direct.read_region(l0_xy, level, size), plain.read_region(l0_xy, level, size))
     assert direct._direct is not None and direct._direct.levels == {0, 1, 2}
     assert plain._direct is None
+    direct.close()
+    plain.close()
     # JPEG 2000 (the TCGA slide) stays with OpenSlide
     with open_slide(TCGA) as s:
         s.read_region((0, 0), 0, (8, 8))
         assert s._direct is None
+
+
+def test_direct_reader_closes_a_tiff_it_cannot_decode():
+    """JPEG 2000 levels are left to OpenSlide; the TIFF opened to look at them is closed at once
+    (it used to wait for garbage collection, a ResourceWarning per slide in batch jobs)."""
+    import gc
+
+    from pathchat.wsi.tiff_direct import DirectTiffLevels
+
+    with open_slide(TCGA) as s:
+        dims = s.level_dimensions
+    gc.collect()  # earlier tests' garbage is not this test's business
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert DirectTiffLevels.open(str(TCGA), "aperio", dims) is None
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning) and TCGA.name in str(w.message)] == []
