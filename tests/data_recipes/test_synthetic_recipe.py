@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_recipes.synthetic import BuildConfig, build_dataset
-from data_recipes.synthetic.build import build_records, draw_layouts
+from data_recipes.synthetic.build import HARD_REPEATS, build_records, draw_layouts
 from data_recipes.synthetic.cli import main
 from data_recipes.synthetic.layout import CLASS_NAMES, QUADRANTS, RECIPE_CLASSES, Geometry, sample_layout
 from data_recipes.synthetic.probe import probe_answers
@@ -152,9 +152,20 @@ def test_build_writes_every_file_with_consistent_counts(built: Path) -> None:
             assert rec["conversations"][0]["value"].startswith("<slide>\n")
             assert sum(t["value"].count("<slide>") for t in rec["conversations"]) == 1
             assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
-    # Per training slide: one record per (independent) question, at least 9, and one 3-turn dialogue.
-    per_slide = Counter(r["slide"] for r in rows["instruct"] if not r["meta"].get("dialogue"))
-    assert min(per_slide.values()) >= 9
+    # Per training slide: one record per (independent) question, at least 8, and one 3-turn dialogue.
+    questions = [r for r in rows["instruct"] if not r["meta"].get("dialogue")]
+    per_slide = Counter(r["slide"] for r in questions)
+    assert min(per_slide.values()) >= 8
+    # The hard types come 1 + HARD_REPEATS times where they are hard, once elsewhere.
+    asked = Counter((r["slide"], r["meta"]["categories"][0]) for r in questions)
+    truths = {r["slide"]: r["meta"]["truth"] for r in questions}
+    for slide, truth in truths.items():
+        classes = len(truth["class_tiles"])
+        rounds = 1 + HARD_REPEATS if classes > 1 else 1
+        assert asked[slide, "dominant"] == rounds, slide
+        assert asked[slide, "presence"] == rounds * min(classes, 3), slide
+    assert any(len(t["class_tiles"]) > 1 for t in truths.values())  # both kinds are in the sample
+    assert any(len(t["class_tiles"]) == 1 for t in truths.values())
     dialogues = [r for r in rows["instruct"] if r["meta"].get("dialogue")]
     assert len(dialogues) == CFG.train and all(len(r["conversations"]) == 6 for r in dialogues)
     assert all(len(r["conversations"]) == 2 for r in rows["instruct"] if not r["meta"].get("dialogue"))
