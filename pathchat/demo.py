@@ -116,6 +116,8 @@ def chat_about(model: Any, tokenizer: Any, slide: dict[str, Any]) -> dict[str, A
         relevance = session.relevance().flatten()
         top = torch.topk(relevance, k=min(3, relevance.numel())).indices.tolist()
         turns.append({"question": question, "answer": str(answer), "truth": truth,
+                      # the raw ids (end-of-turn included) say why an answer reads empty, if one does
+                      "answer_token_ids": list(session.answer_ids[-1]) if session.answer_ids else [],
                       "seconds": round(time.perf_counter() - t0, 3),
                       "top_tiles_level0_xy": [bag.coords[i].tolist() for i in top] if bag.coords is not None else []})
     return {"slide": slide["id"], "file": str(slide["file"]), "tiles": len(bag), "turns": turns,

@@ -28,7 +28,8 @@ def test_demo_chats_with_three_new_slides(demo_model, tmp_path, capsys):
         # the KV cache is reused: follow-up turns prefill only their own tokens
         assert all(n < report["prefill_tokens"][0] for n in report["prefill_tokens"][1:])
         for turn in report["turns"]:
-            assert turn["answer"].strip()
+            assert turn["answer"].strip(), (path.stem, turn["question"], turn["answer_token_ids"])
+            assert turn["answer_token_ids"]
             assert len(turn["top_tiles_level0_xy"]) == min(3, report["tiles"])
         for turn in report["turns"][1:3]:  # dominant class, classes present
             total += 1
