@@ -32,6 +32,12 @@ the synthetic recipe trains (4 layers, hidden 128), fp32 on CPU, 1 thread. Three
    weights + gradients + AdamW state. A CPU peak of torch allocations is not reported:
    torch keeps no allocator statistics on the CPU, and the profiler that could count them costs
    more than the run.
+4. `logits`: one forward + backward of a PathChat around a language model with a real LLM's
+   vocabulary (`--logits-vocab`, Qwen2.5's 151,936 by default; 2 layers x 128, so the LM head and
+   the logits are what weigh), `--logits-batch` sequences of `--logits-length` tokens with a
+   label on `--logits-labelled` of them (the answers), computed with logits at every position and
+   with `logits_only_at_labels` (what `PathChatTrainer` uses); each in a fresh subprocess: peak RSS
+   (VmHWM) over the step, the step's time, and the loss (equal in both).
 
 One torch thread by default: on this shared 2-core machine, with another job running, every
 parallel elementwise op at 2 threads waited about 8 ms for the second thread (a 10k-element
@@ -487,6 +493,57 @@ def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def logits_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """In this (fresh) process: one training forward + backward, logits everywhere or at labels only."""
+    import torch
+
+    from pathchat.model.modeling import build_pathchat
+    from pathchat.model.tokenizers import build_test_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokenizer = build_test_tokenizer("qwen2")
+    text = {"model_type": "qwen2", "vocab_size": args.logits_vocab, "hidden_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
+            "max_position_embeddings": max(1024, args.logits_length + 64)}
+    connector = {"type": "resampler", "num_latents": 8, "hidden_dim": 64, "num_heads": 4, "num_layers": 1}
+    model = build_pathchat(text, tokenizer, 64, connector).train()
+    k = model.config.num_slide_tokens
+    g = torch.Generator().manual_seed(0)
+    b, length = args.logits_batch, args.logits_length
+    ids = torch.randint(10, len(tokenizer) - 10, (b, length), generator=g)
+    ids[:, 1:1 + k] = model.config.slide_placeholder_id
+    labels = torch.full_like(ids, -100)
+    answers = torch.rand(b, length, generator=g) < args.logits_labelled
+    answers[:, : 1 + k] = False
+    labels[answers] = ids[answers]
+    tiles = {"tile_features": torch.randn(b, 64, 64, generator=g), "tile_coords": torch.rand(b, 64, 2, generator=g)}
+    only = args.logits_probe == "labels"
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the step alone
+    before = _vm_kib("VmRSS") / 1024
+    t = time.perf_counter()
+    out = model(input_ids=ids, labels=labels, logits_only_at_labels=only, **tiles)
+    out.loss.backward()
+    seconds = time.perf_counter() - t
+    return {"logits": args.logits_probe, "logits_shape": list(out.logits.shape), "loss": float(out.loss),
+            "step_s": round(seconds, 3), "rss_before_mib": round(before, 1),
+            "peak_rss_step_mib": round(_vm_kib("VmHWM") / 1024, 1),
+            "labelled_positions": int((labels[:, 1:] != -100).sum())}
+
+
+def bench_logits(argv: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("all", "labels"):
+        proc = subprocess.run([sys.executable, __file__, *argv, "--logits-probe", name],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"logits probe {name} failed:\n{proc.stderr[-3000:]}")
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["peak_rss_saved_mib"] = round(out["all"]["peak_rss_step_mib"] - out["labels"]["peak_rss_step_mib"], 1)
+    out["loss_abs_diff"] = abs(out["all"]["loss"] - out["labels"]["loss"])
+    return out
+
+
 def bench_memory(args: argparse.Namespace, data: dict[str, Any], work: Path, argv: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     payload = json.dumps({k: str(v) for k, v in data.items() if isinstance(v, Path)} | {"work": str(work)})
@@ -523,10 +580,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--memory-lm-layers", type=int, default=8, help="LM of the memory probes")
     parser.add_argument("--memory-lm-hidden", type=int, default=512)
+    parser.add_argument("--logits-vocab", type=int, default=151936, help="vocabulary of the logits probe")
+    parser.add_argument("--logits-batch", type=int, default=1)
+    parser.add_argument("--logits-length", type=int, default=1024)
+    parser.add_argument("--logits-labelled", type=float, default=0.15, help="share of positions with a label")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "training.json")
     parser.add_argument("--memory-probe", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--data-json", help=argparse.SUPPRESS)
+    parser.add_argument("--logits-probe", choices=("all", "labels"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -535,6 +597,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     if args.memory_probe:
         result = memory_probe(args)
+        print(json.dumps(result))
+        return result
+    if args.logits_probe:
+        result = logits_probe(args)
         print(json.dumps(result))
         return result
     t_start = time.perf_counter()
@@ -547,6 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # First, while this process is still small: ru_maxrss of a child starts from its parent's RSS.
         parent_rss = _vm_kib("VmRSS") / 1024
         memory = bench_memory(args, data, work, argv)
+        logits = bench_logits(argv)
         import logging
 
         import torch
@@ -571,6 +638,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trainer_step": step,
         "memory": {"language_model": tiny_lm(args, memory=True), "batch_slides": args.batch_slides,
                    "steps": args.memory_steps, "parent_rss_at_spawn_mib": round(parent_rss, 1), **memory},
+        "logits": {"vocab": args.logits_vocab, "batch": args.logits_batch, "length": args.logits_length,
+                   "labelled_share": args.logits_labelled, **logits},
         "timing": ("answers/s from mean step time (first steps left out); step = on_step_end to on_step_end; "
                    "'cpu' = process CPU time (steadier under shared load); trainer step: medians of "
                    "interleaved repeats"),

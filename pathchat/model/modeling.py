@@ -186,6 +186,7 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         cache_position: Tensor | None = None,
         logits_to_keep: int | Tensor = 0,
+        logits_only_at_labels: bool = False,
         **kwargs: Any,
     ) -> PathChatCausalLMOutputWithPast:
         """Embed, put slide tokens where the placeholders are, run the language model.
@@ -204,6 +205,10 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
             inputs_embeds: `[b, L, d_llm]` instead of input_ids (placeholders found by embedding).
             cache / past_key_values: the KV cache (transformers 5 calls it `cache`; both accepted).
             position_ids, use_cache, logits_to_keep, kwargs: passed to the language model.
+            logits_only_at_labels: with `labels`, project only the positions a label follows onto the
+                vocabulary (the same loss; in supervised fine-tuning most tokens carry no label, so the
+                LM head's work and the `[b, L, vocab]` logits shrink to the answer tokens). `logits` is
+                then `[num_labelled, vocab]`, in row-major order of the labelled positions.
             cache_position: accepted for older callers and ignored (transformers 5.24 dropped it).
 
         Returns:
@@ -244,6 +249,12 @@ class PathChatForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
             attention_mask = self._additive_mask(attention_mask, inputs_embeds.dtype)
+        if logits_only_at_labels and labels is not None:
+            # transformers slices the hidden states with a boolean [b, L] mask before the LM head,
+            # and its causal-LM loss takes the already shifted labels of those positions.
+            next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            logits_to_keep = next_labels != -100
+            kwargs["shift_labels"] = next_labels[logits_to_keep]
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -80,6 +80,8 @@ class PathChatTrainer(Trainer):
         for optional in ("tile_coords", "slide_size_um"):
             if inputs.get(optional) is None:
                 inputs.pop(optional, None)
+        if not return_outputs:  # only the loss is needed: logits at the answer tokens alone
+            inputs["logits_only_at_labels"] = True
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if isinstance(result, tuple) else result

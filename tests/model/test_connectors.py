@@ -202,6 +202,33 @@ def test_default_connector_and_config_errors():
         ScaleInvariantConfig(hidden_dim=30, num_heads=4)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_noise_only_while_training(name):
+    noisy_config = ConnectorConfig.from_dict({**small_config(name).to_dict(), "feature_noise": 0.5})
+    assert noisy_config.feature_noise == 0.5 and small_config(name).feature_noise == 0.0
+    torch.manual_seed(0)
+    noisy = build_connector(noisy_config, D_ENC, D_LLM)
+    clean = make(name)
+    clean.load_state_dict(noisy.state_dict())  # the noise adds no weight: checkpoints stay interchangeable
+    feats, coords = slide(40, seed=2)
+    # Eval mode: exactly the noise-free connector.
+    torch.testing.assert_close(noisy.eval()(feats, coords, None).tokens, clean(feats, coords, None).tokens,
+                               rtol=0, atol=0)
+    # Training: another draw every call, the same draw for the same torch seed.
+    noisy.train()
+    clean.train()
+    torch.manual_seed(5)
+    a = noisy(feats, coords, None).tokens
+    b = noisy(feats, coords, None).tokens
+    torch.manual_seed(5)
+    a_again = noisy(feats, coords, None).tokens
+    reference = clean(feats, coords, None).tokens
+    assert not torch.allclose(a, b) and not torch.allclose(a, reference)
+    torch.testing.assert_close(a, a_again, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="feature_noise must be >= 0, got -0.1"):
+        ConnectorConfig.from_dict({"type": name, "feature_noise": -0.1})
+
+
 def test_sampler_is_deterministic_with_known_values():
     assert sample_tile_indices(10, 4, seed=0).tolist() == [0, 2, 4, 6]
     assert sample_tile_indices(10, 4, seed=1).tolist() == [0, 2, 6, 9]

@@ -98,6 +98,37 @@ def test_forward_shapes_loss_and_inputs_untouched(tiny):
     assert not torch.allclose(out3.logits, out.logits)
 
 
+def test_logits_only_at_labels_gives_the_same_loss_and_gradients(tiny):
+    model, tokenizer = tiny
+    rows = [render_conversation(CHAT, tokenizer, K), render_conversation(CHAT, tokenizer, K)]
+    input_ids = torch.tensor([r.input_ids for r in rows])
+    labels = torch.tensor([r.labels for r in rows])
+    labels[1, -4:] = -100  # the two rows differ in which positions carry a label
+    tiles = _tiles(batch=2)
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert 0 < labelled < labels.numel() // 2
+
+    def run(only: bool, **loss_kwargs):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=input_ids, labels=labels, logits_only_at_labels=only, **tiles, **loss_kwargs)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(False)
+    only, only_grads = run(True)
+    assert only.logits.shape == (labelled, len(tokenizer))
+    torch.testing.assert_close(only.logits, full.logits[:, :-1][labels[:, 1:] != -100], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(only.loss, full.loss, rtol=1e-6, atol=1e-6)
+    assert full_grads.keys() == only_grads.keys() and "connector.latents" in only_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(only_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The Trainer's token-count normalisation (gradient accumulation) goes through unchanged.
+    summed, _ = run(False, num_items_in_batch=torch.tensor(7))
+    summed_only, _ = run(True, num_items_in_batch=torch.tensor(7))
+    torch.testing.assert_close(summed_only.loss, summed.loss, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(summed.loss, full.loss)
+
+
 def test_count_mismatch_names_numbers_and_sample(tiny):
     model, tokenizer = tiny
     row = render_conversation(CHAT, tokenizer, K).input_ids

@@ -42,7 +42,8 @@ def test_training_bench_small_run(tmp_path):
                          "--lm-layers", "1", "--lm-hidden", "32", "--memory-lm-layers", "1",
                          "--memory-lm-hidden", "32", "--connector", '{"type": "scale_invariant", "grid_size": 2, '
                          '"num_latents": 4, "hidden_dim": 32}', "--epochs", "1", "--step-warmup", "1",
-                         "--step-steps", "2", "--step-repeats", "1", "--memory-steps", "1", "--out", str(out)])
+                         "--step-steps", "2", "--step-repeats", "1", "--memory-steps", "1", "--logits-vocab", "30000",
+                         "--logits-length", "256", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["model"]["num_slide_tokens"] == 8
 
@@ -75,3 +76,11 @@ def test_training_bench_small_run(tmp_path):
     full, lora, align = memory["instruct_full"], memory["instruct_lora"], memory["align"]
     assert full["trainable_parameters"] == full["parameters"]  # instruct full trains everything
     assert align["trainable_parameters"] < lora["trainable_parameters"] < full["trainable_parameters"]
+
+    # Logits at the answer tokens only: the same loss, a [labelled, vocab] tensor, a smaller peak.
+    logits = result["logits"]
+    every, only = logits["all"], logits["labels"]
+    assert every["logits_shape"] == [1, 256, 30000]
+    assert only["logits_shape"] == [only["labelled_positions"], 30000] and 0 < only["labelled_positions"] < 256
+    assert logits["loss_abs_diff"] < 1e-4 and _positive(every["loss"])
+    assert only["peak_rss_step_mib"] < every["peak_rss_step_mib"] and logits["peak_rss_saved_mib"] > 0

@@ -37,9 +37,21 @@ class ConnectorOutput(ModelOutput):
 
 @dataclass
 class ConnectorConfig:
-    """Base of the connector configs; each subclass starts with a fixed `type` tag."""
+    """Base of the connector configs; each subclass starts with a fixed `type` tag.
+
+    Attributes:
+        feature_noise: standard deviation of Gaussian noise added to the standardised tile features
+            while the connector trains (never in eval mode), in units of each dimension's spread
+            over the training slides. Tile features are fixed per slide, so without it a connector
+            can tell training slides apart by detail no new slide shares; 0 turns it off.
+    """
 
     type: str = ""
+    feature_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.feature_noise >= 0:
+            raise ValueError(f"feature_noise must be >= 0, got {self.feature_noise}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-safe) holding the `type` tag and every field."""
@@ -104,22 +116,29 @@ class FeatureStandardizer(nn.Module):
     mean: Tensor
     std: Tensor
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, noise_std: float = 0.0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
+        self.noise_std = noise_std  # training-time augmentation (ConnectorConfig.feature_noise)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        z = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.training and self.noise_std > 0:
+            z = z + self.noise_std * torch.randn_like(z)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"dim={self.mean.shape[0]}, noise_std={self.noise_std}"
 
 
-def tile_normalisation(feature_dim: int) -> list[nn.Module]:
+def tile_normalisation(feature_dim: int, noise_std: float = 0.0) -> list[nn.Module]:
     """The first layers of every connector's tile input: dataset statistics, then per-tile LayerNorm.
 
     Encoders differ in feature scale by orders of magnitude; with both, one initialisation and
-    learning rate fit them all.
+    learning rate fit them all. ``noise_std``: see ``ConnectorConfig.feature_noise``.
     """
-    return [FeatureStandardizer(feature_dim), nn.LayerNorm(feature_dim)]
+    return [FeatureStandardizer(feature_dim, noise_std), nn.LayerNorm(feature_dim)]
 
 
 def set_feature_statistics(connector: nn.Module, mean: Tensor, std: Tensor, min_std: float = 1e-6) -> None:

@@ -87,6 +87,7 @@ class MLPConfig(ConnectorConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.type != "mlp":
             raise ValueError(f"MLPConfig.type must be 'mlp', got {self.type!r}")
         if self.max_tiles < 1:
@@ -106,7 +107,7 @@ class MLPConnector(Connector):
         super().__init__()
         self.config = config
         self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(*tile_normalisation(feature_dim), nn.Linear(feature_dim, llm_dim), nn.GELU(),
+        self.mlp = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise), nn.Linear(feature_dim, llm_dim), nn.GELU(),
                                  nn.Linear(llm_dim, llm_dim))
         self.padding_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 

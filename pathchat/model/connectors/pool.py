@@ -44,6 +44,7 @@ class PoolConfig(ConnectorConfig):
     position_frame: str = "tissue"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.type != "pool":
             raise ValueError(f"PoolConfig.type must be 'pool', got {self.type!r}")
         if self.grid_size < 1:
@@ -64,7 +65,7 @@ class PoolConnector(Connector):
         super().__init__()
         self.config = config
         self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(*tile_normalisation(feature_dim), nn.Linear(feature_dim, llm_dim), nn.GELU(),
+        self.mlp = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise), nn.Linear(feature_dim, llm_dim), nn.GELU(),
                                  nn.Linear(llm_dim, llm_dim))
         self.empty_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 

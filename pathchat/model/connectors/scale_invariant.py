@@ -75,6 +75,7 @@ class ScaleInvariantConfig(ConnectorConfig):
     local_grid: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.type != "scale_invariant":
             raise ValueError(f"ScaleInvariantConfig.type must be 'scale_invariant', got {self.type!r}")
         if self.grid_size < 1 or self.num_latents < 0:
@@ -102,7 +103,7 @@ class ScaleInvariantConnector(Connector):
         self.config = config
         self.num_tokens = config.num_tokens
         d = config.hidden_dim
-        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim), nn.Linear(feature_dim, d))
+        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise), nn.Linear(feature_dim, d))
         self.positions = FourierPositions(config.num_frequencies, config.min_wavelength_um,
                                           config.max_wavelength_um, d, num_scales=config.num_scales)
         self.cell_embedding = nn.Parameter(torch.randn(config.grid_size**2, d) * 0.02)
