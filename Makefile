@@ -28,7 +28,7 @@ demo: install
 	$(PY) -m pathchat.demo --out $(JOB)
 
 # The proof that the model reads the slide: synthetic dataset -> both stages -> held-out scores beside the
-# shuffled- and zeroed-features controls, from scratch (about 12 minutes on 2 cores); ends with one JSON line.
+# shuffled- and zeroed-features controls, from scratch (about 8 minutes on 2 cores); ends with one JSON line.
 LEARN_DIR ?= learnability
 learnability: install
 	rm -rf $(LEARN_DIR)

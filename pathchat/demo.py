@@ -47,7 +47,7 @@ def get_demo_model(cache: Path, learn_cfg: Any, progress: bool = True) -> tuple[
     summary_file = folder / "learnability.json"
     if summary_file.is_file() and (folder / "instruct" / "config.json").is_file():
         return folder / "instruct", json.loads(summary_file.read_text())
-    print(f"no cached demo model: training one into {folder} (once; about 12 minutes on 2 cores) ...",
+    print(f"no cached demo model: training one into {folder} (once; about 8 minutes on 2 cores) ...",
           flush=True)
     summary = learn.run_learnability(folder, learn_cfg, progress=progress)
     return folder / "instruct", summary

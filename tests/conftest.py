@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 def demo_model(tmp_path_factory):
     """The demo model, trained once per session by the synthetic recipe (both stages, then scored).
 
-    Shared by the learnability test and the demo test; about 12 minutes on 2 cores. Returns
+    Shared by the learnability test and the demo test; about 8 minutes on 2 cores. Returns
     (cache folder, checkpoint folder, learnability summary).
     """
     import sys

@@ -141,14 +141,17 @@ def encode_slide(source: SlideSource, tile_coords: TileCoords, encoder: LoadedEn
     transform = None if on_gpu or runtime.loader_workers == 0 else encoder.spec.preprocessing
     loader = tile_loader(dataset, batch_size=runtime.batch_size, workers=runtime.loader_workers,
                          pin_memory=on_gpu, transform=transform)
-    for batch in loader:
-        failed.extend(batch.failed)
-        if len(batch.tiles):
-            if batch.inputs is not None:
-                features.append(encoder.encode_preprocessed(batch.inputs))
-            else:
-                features.append(encoder.encode(batch.tiles.to(encoder.device, non_blocking=True)))
-            coords.append(batch.l0_coords)
+    try:
+        for batch in loader:
+            failed.extend(batch.failed)
+            if len(batch.tiles):
+                if batch.inputs is not None:
+                    features.append(encoder.encode_preprocessed(batch.inputs))
+                else:
+                    features.append(encoder.encode(batch.tiles.to(encoder.device, non_blocking=True)))
+                coords.append(batch.l0_coords)
+    finally:
+        dataset.close()  # the handle this process opened (loader workers close theirs when they exit)
     dim = encoder.spec.dim
     feats = torch.cat(features).numpy() if features else np.zeros((0, dim), np.float32)
     xy = torch.cat(coords).numpy() if coords else np.zeros((0, 2), np.int64)

@@ -99,6 +99,27 @@ def _synthetic_slides(folder: Path, n: int) -> list[Path]:
     ]
 
 
+def test_encoding_a_slide_closes_it(tmp_path):
+    """The tile reader's slide is closed when its tiles are encoded (it used to wait for garbage
+    collection: an "unclosed file" ResourceWarning per slide in every extraction worker)."""
+    import gc
+    import warnings
+
+    from pathchat.features.extract import ExtractJobConfig, RuntimeOptions, _coords_for, encode_slide
+
+    _synthetic_slides(tmp_path / "slides", 1)
+    source = discover_slides([tmp_path / "slides"])[0]
+    _, coords = _coords_for(source, tmp_path / "job", ExtractJobConfig().tile, fingerprint_slide(source))
+    encoder = load_encoder(ENCODER, pretrained=False)
+    gc.collect()  # earlier tests' garbage is not this test's business
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feats, xy, failed = encode_slide(source, coords, encoder, RuntimeOptions(loader_workers=0, device="cpu"))
+        gc.collect()
+    assert feats.shape == (9, encoder.spec.dim) and xy.shape == (9, 2) and not failed
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
 def test_two_processes_share_one_job_and_do_each_slide_once(tmp_path):
     _synthetic_slides(tmp_path / "slides", 6)
     job = tmp_path / "job"
