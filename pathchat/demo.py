@@ -9,7 +9,9 @@
 
 The demo's language model is a tiny Qwen2-style model trained from scratch here, not SmolLM2-135M:
 one SmolLM2 training step on a batch of 8 sequences of 300 tokens took 18 s on 2 CPU cores
-(measured), so even 100 steps would not fit the demo's ~10 minutes; the tiny one trains in about five. The synthetic recipe lives in `data_recipes/`, so run the demo from the repository.
+(measured), so even 100 steps would not fit the demo's ~10 minutes; the tiny one goes through the
+whole recipe (960 stage-2 steps) in under 8. The synthetic recipe lives in `data_recipes/`, so run
+the demo from the repository.
 """
 
 from __future__ import annotations

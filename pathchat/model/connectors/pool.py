@@ -65,8 +65,8 @@ class PoolConnector(Connector):
         super().__init__()
         self.config = config
         self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise), nn.Linear(feature_dim, llm_dim), nn.GELU(),
-                                 nn.Linear(llm_dim, llm_dim))
+        self.mlp = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise),
+                                 nn.Linear(feature_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
         self.empty_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,

@@ -71,7 +71,8 @@ class ResamplerConnector(Connector):
         self.config = config
         self.num_tokens = config.num_tokens
         d = config.hidden_dim
-        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise), nn.Linear(feature_dim, d))
+        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise),
+                                       nn.Linear(feature_dim, d))
         self.latents = nn.Parameter(torch.randn(config.num_latents, d) * 0.02)
         self.transformer = QueryTransformer(d, config.num_heads, config.num_layers, config.ffn_ratio,
                                             num_kv_heads=config.num_kv_heads)

@@ -103,7 +103,8 @@ class ScaleInvariantConnector(Connector):
         self.config = config
         self.num_tokens = config.num_tokens
         d = config.hidden_dim
-        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise), nn.Linear(feature_dim, d))
+        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise),
+                                       nn.Linear(feature_dim, d))
         self.positions = FourierPositions(config.num_frequencies, config.min_wavelength_um,
                                           config.max_wavelength_um, d, num_scales=config.num_scales)
         self.cell_embedding = nn.Parameter(torch.randn(config.grid_size**2, d) * 0.02)
