@@ -531,29 +531,26 @@ def logits_probe(args: argparse.Namespace) -> dict[str, Any]:
             "labelled_positions": int((labels[:, 1:] != -100).sum())}
 
 
+def _run_probe(argv: list[str], what: str, extra: list[str]) -> dict[str, Any]:
+    """Run this script again in a fresh process with probe arguments; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_logits(argv: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in ("all", "labels"):
-        proc = subprocess.run([sys.executable, __file__, *argv, "--logits-probe", name],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"logits probe {name} failed:\n{proc.stderr[-3000:]}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = {name: _run_probe(argv, f"logits probe {name}", ["--logits-probe", name])
+                           for name in ("all", "labels")}
     out["peak_rss_saved_mib"] = round(out["all"]["peak_rss_step_mib"] - out["labels"]["peak_rss_step_mib"], 1)
     out["loss_abs_diff"] = abs(out["all"]["loss"] - out["labels"]["loss"])
     return out
 
 
 def bench_memory(args: argparse.Namespace, data: dict[str, Any], work: Path, argv: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
     payload = json.dumps({k: str(v) for k, v in data.items() if isinstance(v, Path)} | {"work": str(work)})
-    for name in STAGES:
-        proc = subprocess.run([sys.executable, __file__, *argv, "--memory-probe", name, "--data-json", payload],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory probe {name} failed:\n{proc.stderr[-3000:]}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    return {name: _run_probe(argv, f"memory probe {name}", ["--memory-probe", name, "--data-json", payload])
+            for name in STAGES}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -595,12 +592,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    if args.memory_probe:
-        result = memory_probe(args)
-        print(json.dumps(result))
-        return result
-    if args.logits_probe:
-        result = logits_probe(args)
+    if args.memory_probe or args.logits_probe:  # a probe's own fresh process (see _run_probe)
+        result = memory_probe(args) if args.memory_probe else logits_probe(args)
         print(json.dumps(result))
         return result
     t_start = time.perf_counter()
