@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from pathchat.batch import BatchSetupError
+    from pathchat.utils.batch import BatchSetupError
     from pathchat.features.encoders import EncoderError
 
     try:

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
+from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.features.encoders import LoadedEncoder, get_encoder_spec, load_encoder, load_weights_map
 from pathchat.features.encoders.spec import PRECISIONS
 from pathchat.features.store import FeatureBag, features_path, write_features_h5
 from pathchat.wsi.coords import TileCoords, read_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
+from pathchat.wsi.errors import SlideError
 from pathchat.wsi.reader import TileDataset, TileFailure, tile_loader
 from pathchat.wsi.tile_job import TileJobConfig, output_paths, tile_one
 
@@ -225,5 +226,5 @@ def extract_slides(
     params = {"config": cfg.to_dict()}
     runner = BatchRunner(out, "extract", extract_one, params, workers=workers, timeout_s=timeout_s,
                          setup=setup_worker, slides_per_worker=None, progress=progress,
-                         runtime_params={"runtime": asdict(run)})
+                         runtime_params={"runtime": asdict(run)}, expected_errors=(SlideError,))
     return runner.run(sources)

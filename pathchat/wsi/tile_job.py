@@ -4,7 +4,7 @@ For each slide, under `JOB/<mag>x_<tile>px_<overlap>px_overlap/`:
 `patches/<slide>.h5` (coordinates), `visualization/<slide>.png` (QC),
 `contours_geojson/<slide>.geojson` (tissue outline for QuPath) and `tissue_masks/<slide>.png`
 (the binary mask at thumbnail resolution; `mask_downsample` in the coords attrs maps it to level 0). The batch bookkeeping (manifest,
-failures, resume, one process per slide) is `pathchat.batch`.
+failures, resume, one process per slide) is `pathchat.utils.batch`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pathchat.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
+from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.utils.atomic import atomic_write_text
 from pathchat.wsi.coords import write_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
+from pathchat.wsi.errors import SlideError
 from pathchat.wsi.grid import TilingParams, build_grid
 from pathchat.wsi.qc import write_mask_png, write_qc_png
 from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, open_slide, resolve_mpp
@@ -115,5 +116,5 @@ def tile_slides(
     cfg = config or TileJobConfig()
     sources = discover_slides(list(slides))
     runner = BatchRunner(out, "tile", tile_one, cfg.to_dict(), workers=workers, timeout_s=timeout_s,
-                         progress=progress)
+                         progress=progress, expected_errors=(SlideError,))
     return runner.run(sources)

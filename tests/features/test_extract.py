@@ -16,7 +16,7 @@ import pytest
 import torch
 from shared_data import CMU, SLIDES, ZEROED
 
-from pathchat.batch import fingerprint_slide
+from pathchat.utils.batch import fingerprint_slide
 from pathchat.cli import main
 from pathchat.features.encoders import load_encoder
 from pathchat.features.store import read_features_h5
@@ -139,7 +139,7 @@ def test_two_processes_share_one_job_and_do_each_slide_once(tmp_path):
 def test_stale_locks_are_taken_over_and_live_ones_respected(tmp_path):
     _synthetic_slides(tmp_path / "slides", 2)
     job = tmp_path / "job"
-    from pathchat.batch import params_key
+    from pathchat.utils.batch import params_key
     from pathchat.features.extract import ExtractJobConfig, extract_slides, resolve
 
     cfg = resolve(ExtractJobConfig(encoder=ENCODER))

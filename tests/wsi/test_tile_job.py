@@ -18,7 +18,7 @@ import pytest
 from batch_fns import misbehave
 from shared_data import SLIDES, TCGA
 
-from pathchat.batch import BatchRunner
+from pathchat.utils.batch import BatchRunner
 from pathchat.cli import main
 from pathchat.utils.atomic import read_jsonl, sha256_file
 from pathchat.wsi.coords import read_coords_h5
@@ -258,7 +258,7 @@ def test_persistent_workers_keep_their_setup_and_are_replaced_after_a_crash(tmp_
 def test_a_worker_that_cannot_start_stops_the_job_with_a_tool_error(tmp_path):
     from batch_fns import pid_of_worker, setup_counter
 
-    from pathchat.batch import BatchSetupError
+    from pathchat.utils.batch import BatchSetupError
 
     folder = tmp_path / "slides"
     folder.mkdir()

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -45,8 +45,9 @@ from pathchat.utils.atomic import (
     sha256_file,
     sweep_stale_temps,
 )
-from pathchat.wsi.discovery import SlideSource
-from pathchat.wsi.errors import SlideError
+
+if TYPE_CHECKING:  # the runner only reads .slide_id / .path / .files; any such record works
+    from pathchat.wsi.discovery import SlideSource
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ _SAMPLE_BYTES = 64 << 10
 _HEAD_TAIL_BYTES = 1 << 20
 
 #: The work of a batch: (slide, job folder, parameters, worker state) -> {"outputs": [paths], "info": {...}}.
-WorkFn = Callable[[SlideSource, Path, dict[str, Any], Any], dict[str, Any]]
+WorkFn = Callable[["SlideSource", Path, dict[str, Any], Any], dict[str, Any]]
 #: Runs once per worker process; its result is passed to every WorkFn call there (e.g. a loaded model).
 SetupFn = Callable[[dict[str, Any]], Any]
 
@@ -230,7 +231,7 @@ def _die_with_parent() -> None:
 
 
 def _worker(fn: WorkFn, setup: SetupFn | None, job_dir: Path, params: dict[str, Any], conn: Any,
-            env: dict[str, str]) -> None:
+            env: dict[str, str], expected_errors: tuple[type[Exception], ...] = ()) -> None:
     """A worker process: set up once, then process the slides sent to it until told to stop."""
     _die_with_parent()
     # The fork server was started with the environment of its first use; take the caller's current one
@@ -253,8 +254,9 @@ def _worker(fn: WorkFn, setup: SetupFn | None, job_dir: Path, params: dict[str, 
             warnings.simplefilter("always")
             try:
                 message: dict[str, Any] = {"ok": True, "result": fn(source, job_dir, params, state)}
-            except SlideError as e:
-                message = {"ok": False, "error_type": e.kind, "message": str(e)}
+            except expected_errors as e:  # the verb's own typed errors: their message says it all
+                message = {"ok": False, "error_type": str(getattr(e, "kind", type(e).__name__)),
+                           "message": str(e)}
             except Exception as e:  # noqa: BLE001 - a batch records every failure and goes on
                 message = {"ok": False, "error_type": type(e).__name__, "message": f"{source.path}: {e}",
                            "traceback": traceback.format_exc(limit=8)}
@@ -289,13 +291,17 @@ class BatchRunner:
         distributed: rank information; ranks start at different places in the slide list.
         runtime_params: passed to the workers beside `params` but not part of the resume key
             (batch size, device: how to run, not what to compute).
+        expected_errors: the verb's typed errors (e.g. `SlideError`): recorded with their `kind` and
+            message, no traceback; anything else is recorded with a short traceback.
     """
 
     def __init__(self, job_dir: str | os.PathLike[str], verb: str, fn: WorkFn, params: dict[str, Any],
                  workers: int = 1, timeout_s: float = 1800.0, setup: SetupFn | None = None,
                  slides_per_worker: int | None = 1, progress: bool = True,
-                 distributed: DistributedContext | None = None, runtime_params: dict[str, Any] | None = None):
+                 distributed: DistributedContext | None = None, runtime_params: dict[str, Any] | None = None,
+                 expected_errors: tuple[type[Exception], ...] = ()):
         self.job_dir = Path(job_dir)
+        self.expected_errors = expected_errors
         self.verb, self.fn, self.params, self.setup = verb, fn, params, setup
         self.worker_params = {**params, **(runtime_params or {})}
         self.workers, self.timeout_s, self.progress = max(1, workers), timeout_s, progress
@@ -350,7 +356,7 @@ class BatchRunner:
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         # not daemonic: a worker may start DataLoader processes of its own
         proc = ctx.Process(target=_worker, args=(self.fn, self.setup, self.job_dir, self.worker_params, child_conn,
-                                                 dict(os.environ)),
+                                                 dict(os.environ), self.expected_errors),
                            name=f"pathchat-{self.verb}-worker")
         proc.start()
         child_conn.close()
@@ -395,7 +401,7 @@ class BatchRunner:
         # forkserver: workers fork from a small, thread-free server (a plain fork of a process that
         # holds threads can deadlock). Preloading also hands the server this process's sys.path.
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(sorted({"pathchat.batch", self.fn.__module__}))
+        ctx.set_forkserver_preload(sorted({"pathchat.utils.batch", self.fn.__module__}))
         pending = list(sources)
         idle: list[_Worker] = []
         busy: list[_Worker] = []
