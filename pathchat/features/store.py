@@ -357,6 +357,24 @@ def _read_root_attrs(f: h5py.File) -> dict[str, Any]:
     return {k: v for k, v in read_attrs(f).items() if k != ATTRS_JSON}
 
 
+def read_feature_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The root attributes of a features h5, without reading the features.
+
+    Raises:
+        FeatureFileError: the file is missing or not an h5 file.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = _read_root_attrs(f)
+            if "features" in f and "dim" not in attrs and f["features"].ndim == 2:
+                attrs["dim"] = int(f["features"].shape[1])
+            return attrs
+    except FileNotFoundError as e:
+        raise FeatureFileError(path, "file not found") from e
+    except OSError as e:
+        raise FeatureFileError(path, f"not a readable h5 file ({e})") from e
+
+
 def read_failed_coords(path: str | os.PathLike[str]) -> np.ndarray:
     """Level-0 coords int64 `[m, 2]` of the tiles that could not be read (`[0, 2]` when none were recorded)."""
     try:

@@ -187,6 +187,7 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
 
     records, skipped = load_stage_records(cfg, cfg.data.train)
     store = SlideFeatureStore(cfg.data.features, max_tiles=cfg.data.max_tiles, sample_seed=cfg.data.tile_sample_seed)
+    model.config.feature_recipe = training_feature_recipe(store, records)
     k = model.config.num_slide_tokens
     assert k is not None
     dataset = ConversationDataset(records, store, tokenizer, k, max_length=cfg.data.max_length,
@@ -296,3 +297,11 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
         num_answers=sum(s.num_answers for s in dataset.samples), skipped_records=skipped + dataset.skipped.count,
         resumed_from=resume, checkpoint_kind=_final_kind(cfg),
     )
+
+
+def training_feature_recipe(store: SlideFeatureStore, records: Sequence[Any]) -> dict[str, Any] | None:
+    """The feature recipe of the training slides, saved in every checkpoint's config (None: no files)."""
+    from pathchat.inference.recipe import recipe_of_feature_files
+
+    paths = sorted({store.path(r.slide) for r in records if r.slide is not None and store.has(r.slide)})
+    return recipe_of_feature_files(paths).to_dict() if paths else None

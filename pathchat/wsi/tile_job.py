@@ -74,7 +74,7 @@ def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: 
     write_coords_h5(
         paths["coords"], grid, source.slide_id, info, fingerprint, resolution.source,
         extra_attrs={"tissue_params": cfg.tissue.to_dict(), "tissue_threshold": tissue.threshold,
-                     "mask_downsample": tissue.downsample,
+                     "mask_downsample": tissue.downsample, "min_tissue": cfg.tiling.min_tissue,
                      "tiling_key": params_key("tile", cfg.to_dict())},
     )
     write_qc_png(paths["qc"], thumbnail, tissue, grid)

@@ -1,0 +1,9 @@
+"""Fixed texts every user-facing path shows; one place, so chat, reports and the UI say the same."""
+
+RESEARCH_NOTICE = "For Research Use Only. Not for use in diagnostic procedures."
+NO_SLIDE_ANSWER = ("No slide is open. Open a slide first; I answer questions about the slide that is "
+                   "open, and about nothing else.")
+NO_TISSUE_ANSWER = ("No tissue found: tissue detection kept no tiles on this slide, so there is nothing "
+                    "to describe. Check the slide (blank, out of focus, or not brightfield) or the tissue "
+                    "settings.")
+INSUFFICIENT_TISSUE_ANSWER = NO_TISSUE_ANSWER
