@@ -36,7 +36,7 @@ import torch
 from transformers import GenerationConfig
 
 from pathchat.model.conversation import render_conversation
-from pathchat.model.generation import ChatSession
+from pathchat.inference.engine import ChatSession
 from pathchat.model.modeling import PathChatForConditionalGeneration, build_pathchat
 from pathchat.model.tokenizers import build_test_tokenizer
 from pathchat.utils.atomic import atomic_write_json

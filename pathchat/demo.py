@@ -105,7 +105,7 @@ def chat_about(model: Any, tokenizer: Any, slide: dict[str, Any]) -> dict[str, A
     from data_recipes.synthetic.questions import slide_report
     from pathchat.data.slide_features import tiles_from_bag
     from pathchat.features.store import read_features_h5
-    from pathchat.model.generation import ChatSession
+    from pathchat.inference.engine import ChatSession
 
     bag = read_features_h5(slide["features"])
     tiles = tiles_from_bag(bag)

@@ -43,24 +43,9 @@ class PathChatCollator:
             labels[i, :n] = it["labels"]
             attention_mask[i, :n] = 1
 
-        n_tiles = max(int(it["tile_features"].shape[0]) for it in items)
-        dim = int(items[0]["tile_features"].shape[1])
-        features = torch.zeros((b, n_tiles, dim), dtype=items[0]["tile_features"].dtype)
-        tile_mask = torch.zeros((b, n_tiles), dtype=torch.bool)
-        with_coords = [it.get("tile_coords") is not None for it in items]
-        if any(with_coords) and not all(with_coords):
-            missing = [it["id"] for it, c in zip(items, with_coords, strict=True) if not c]
-            raise ValueError(f"some slides in the batch have tile coordinates and some do not: {missing}")
-        coords = torch.zeros((b, n_tiles, 2), dtype=torch.float32) if all(with_coords) else None
-        for i, it in enumerate(items):
-            f = it["tile_features"]
-            if int(f.shape[1]) != dim:
-                raise ValueError(f"sample {it['id']!r} has feature width {f.shape[1]}, the batch {dim}")
-            n = int(f.shape[0])
-            features[i, :n] = f
-            tile_mask[i, :n] = True
-            if coords is not None:
-                coords[i, :n] = it["tile_coords"]
+        features, coords, tile_mask = pad_tiles([it["tile_features"] for it in items],
+                                                [it.get("tile_coords") for it in items],
+                                                [str(it["id"]) for it in items])
         segmented = [it.get("segment_ids") for it in items]
         position_ids = None
         if any(seg is not None for seg in segmented):
@@ -76,6 +61,43 @@ class PathChatCollator:
             "slide_size_um": stack_slide_sizes([it.get("slide_size_um") for it in items]),
             "sample_ids": [it["id"] for it in items],
         }
+
+
+def pad_tiles(features: Sequence[Tensor], coords: Sequence[Tensor | None],
+              names: Sequence[str] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Right-pad slides of different tile counts into one batch (training and inference share it).
+
+    Args:
+        features: per slide `[n_i, d]` tile features.
+        coords: per slide `[n_i, 2]` tile positions, or None (all or none must have them).
+        names: per slide a name for error messages (sample ids).
+    Returns:
+        (`[b, n_max, d]` features, `[b, n_max, 2]` float32 coords or None, `[b, n_max]` bool tile_mask).
+    Raises:
+        ValueError: feature widths differ, or only some slides have coordinates (naming them).
+    """
+    b = len(features)
+    names = list(names) if names is not None else [str(i) for i in range(b)]
+    n_tiles = max(int(f.shape[0]) for f in features)
+    dim = int(features[0].shape[1])
+    out = torch.zeros((b, n_tiles, dim), dtype=features[0].dtype)
+    tile_mask = torch.zeros((b, n_tiles), dtype=torch.bool)
+    with_coords = [c is not None for c in coords]
+    if any(with_coords) and not all(with_coords):
+        missing = [name for name, c in zip(names, with_coords, strict=True) if not c]
+        raise ValueError(f"some slides in the batch have tile coordinates and some do not: {missing}")
+    out_coords = torch.zeros((b, n_tiles, 2), dtype=torch.float32) if all(with_coords) else None
+    for i, f in enumerate(features):
+        if int(f.shape[1]) != dim:
+            raise ValueError(f"sample {names[i]!r} has feature width {f.shape[1]}, the batch {dim}")
+        n = int(f.shape[0])
+        out[i, :n] = f
+        tile_mask[i, :n] = True
+        if out_coords is not None:
+            c = coords[i]
+            assert c is not None
+            out_coords[i, :n] = c
+    return out, out_coords, tile_mask
 
 
 def isolated_attention(segment_ids: Sequence[Tensor | None], padding_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -44,7 +44,7 @@ from pathchat.evaluation.metrics import (
 )
 from pathchat.evaluation.prompts import LETTERS
 from pathchat.evaluation.tasks import Question, TaskData, load_task
-from pathchat.utils.atomic import atomic_write_json, atomic_write_text, read_jsonl
+from pathchat.utils.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 __all__ = [
     "CONDITION_SHUFFLED",
@@ -55,6 +55,7 @@ __all__ = [
     "FeatureResolver",
     "build_config",
     "dry_run",
+    "PredictionsFile",
     "read_predictions_file",
     "run_eval",
     "score_rows",
@@ -69,6 +70,7 @@ CONDITION_ZEROED = "zeroed_features"
 ORDER_PREFIX = "option_order_"
 DEFAULT_MAX_NEW_TOKENS = {"closed": 64, "open": 64, "report": 512}
 # Settings that change what a prediction is; a rerun into the same --out must keep them.
+BAD_PREDICTIONS = ("error", "failed")
 _RUN_KEYS = ("task", "data", "model", "features", "predictions", "max_new_tokens", "seed", "system_prompt")
 
 
@@ -91,6 +93,9 @@ class EvalConfig:
         limit: evaluate only the first `limit` questions (in file order).
         seed: seeds the slide derangement and the option shuffles.
         fail_on_missing: a question whose slide has no feature file fails the run (default: counted, skipped).
+        bad_predictions: with `predictions`, what a malformed line, a non-object row, a duplicate id or an
+            empty file does: "error" (default) stops naming the file and line; "failed" counts every
+            affected question, and every question the file does not answer, as FAILED (never dropped).
         system_prompt: system message (None: the chat template's default).
         device: "auto" (cuda when available), "cpu", "cuda:1", …
         progress: show a progress bar.
@@ -109,6 +114,7 @@ class EvalConfig:
     limit: int | None = None
     seed: int = 0
     fail_on_missing: bool = False
+    bad_predictions: str = "error"
     system_prompt: str | None = None
     device: str = "auto"
     progress: bool = True
@@ -127,6 +133,8 @@ class EvalConfig:
             raise ValueError(f"--consistency-repeats must be >= 0, got {self.consistency_repeats}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.bad_predictions not in BAD_PREDICTIONS:
+            raise ValueError(f"--bad-predictions must be one of {BAD_PREDICTIONS}, got {self.bad_predictions!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
@@ -313,70 +321,124 @@ def _conflict(q: Question, scored: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------ predictions
 
 
-def read_predictions_file(path: str | os.PathLike[str], questions: Sequence[Question]) -> dict[str, str]:
+@dataclass
+class PredictionsFile:
+    """What a predictions file answers: question id -> text, and the questions its flaws touch.
+
+    Attributes:
+        answers: question id -> answer text.
+        problems: "file: line n: what is wrong" for each flaw found (empty when the file is clean).
+        affected: ids of questions answered by a flawed row (a duplicate id); scored as FAILED.
+    """
+
+    answers: dict[str, str]
+    problems: list[str] = field(default_factory=list)
+    affected: set[str] = field(default_factory=set)
+
+
+def read_predictions_file(path: str | os.PathLike[str], questions: Sequence[Question],
+                          bad_predictions: str = "error") -> PredictionsFile:
     """Answers from another system: question id -> text.
 
     Accepts JSONL ``{"id", "text"}`` (id: the question's id in its source, or its 0-based position
     there) or SlideChat's output CSV, whose row i answers question i in the `Output` column (when the
     CSV has a `Slide` column, every row's slide must match its question's).
 
+    A malformed line, a row that is not an object, a duplicate id or an empty file is an error naming
+    the file and the line; with ``bad_predictions="failed"`` each is recorded in ``problems`` instead
+    (a duplicated id's question then counts as FAILED, as does every question left unanswered).
+
     Raises:
-        ValueError: unreadable file, missing column or key, an unknown id, or a slide mismatch.
+        ValueError: unreadable file, missing column or key, an unknown id, a slide mismatch, or (with
+            "error") a malformed line, a duplicate id or an empty file.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"predictions file not found: {p}")
     known = {q.id for q in questions}
-    answers: dict[str, str] = {}
+    result = PredictionsFile({})
+
+    def flaw(problem: str) -> None:
+        if bad_predictions == "error":
+            raise ValueError(f"{problem} (pass --bad-predictions failed to count the affected questions as FAILED)")
+        logger.warning("%s; its question counts as FAILED", problem)
+        result.problems.append(problem)
+
+    def answer(where: str, qid: str, text: str) -> None:
+        if qid in result.answers or qid in result.affected:
+            flaw(f"{p}: {where}: id {qid!r} is answered twice")
+            result.affected.add(qid)
+            result.answers.pop(qid, None)
+            return
+        result.answers[qid] = text
+
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e}); expected JSONL {{id, text}} or SlideChat's CSV") from e
+    if not raw.strip():
+        flaw(f"{p}: the file is empty (no answers)")
+        return result
     if p.suffix.lower() == ".csv":
-        with p.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "Output" not in reader.fieldnames:
-                raise ValueError(f"{p}: a SlideChat CSV needs an 'Output' column (has {reader.fieldnames})")
-            rows = list(reader)
+        reader = csv.DictReader(raw.splitlines())
+        if reader.fieldnames is None or "Output" not in reader.fieldnames:
+            raise ValueError(f"{p}: a SlideChat CSV needs an 'Output' column, and 'Slide' to check each row "
+                             f"against its question (has {reader.fieldnames})")
         by_position = {q.id: q for q in questions}
-        for i, row in enumerate(rows):
+        for i, row in enumerate(reader):
             q = by_position.get(str(i))
             if q is None:
                 raise ValueError(f"{p}: row {i} has no question at position {i} (the task has {len(questions)})")
             if "Slide" in row and row["Slide"] and row["Slide"].strip() != q.slide:
                 raise ValueError(f"{p}: row {i} is slide {row['Slide']!r} but question {i} is about {q.slide!r}")
-            answers[q.id] = row["Output"] or ""
-        return answers
-    for n, row in enumerate(read_jsonl(p), start=1):
+            answer(f"row {i}", q.id, row["Output"] or "")
+        return result
+    for n, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            flaw(f"{p}: line {n}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            flaw(f"{p}: line {n}: expected a JSON object {{id, text}}, got {type(row).__name__}")
+            continue
         if "id" not in row or "text" not in row:
             raise ValueError(f"{p}: line {n} needs 'id' and 'text' (has {sorted(row)})")
         qid = str(row["id"])
         if qid not in known:
             raise ValueError(f"{p}: line {n}: id {qid!r} is not a question of this task")
-        answers[qid] = str(row["text"] if row["text"] is not None else "")
-    return answers
-
-
-def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append a batch of JSON lines with one write and an fsync (a torn last line is skipped on read)."""
-    data = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        answer(f"line {n}", qid, str(row["text"] if row["text"] is not None else ""))
+    if not result.answers and not result.affected and not result.problems:
+        flaw(f"{p}: no answers (only blank lines)")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ run
 
 
 def _check_resume(cfg: EvalConfig, out: Path) -> None:
+    """Refuse an `out` whose predictions came from other settings.
+
+    A run_config.json binds the folder only once predictions were written beside it: a run that
+    failed before answering anything (a bad file, a missing checkpoint) leaves nothing to protect,
+    and the corrected rerun is not refused.
+    """
     run_path = out / "run_config.json"
     current = {k: getattr(cfg, k) for k in _RUN_KEYS}
-    if run_path.exists():
-        previous = json.loads(run_path.read_text(encoding="utf-8"))
+    if run_path.exists() and read_jsonl(out / "predictions.jsonl"):
+        try:
+            previous = json.loads(run_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{run_path}: unreadable ({e}); use a new --out to start afresh") from e
         changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
         if changed:
             raise ValueError(f"{out} holds a run with other settings {changed}; use a new --out to start afresh")
-    else:
-        atomic_write_json(run_path, current)
+
+
+def _write_run_config(cfg: EvalConfig, out: Path) -> None:
+    atomic_write_json(out / "run_config.json", {k: getattr(cfg, k) for k in _RUN_KEYS})
 
 
 def _device(name: str) -> Any:
@@ -421,7 +483,7 @@ def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
     import torch
     from tqdm import tqdm
 
-    from pathchat.model.generation import generate_batch
+    from pathchat.inference.engine import generate_batch
     from pathchat.model.pretrained import load_pathchat
 
     assert cfg.model is not None
@@ -452,8 +514,8 @@ def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
         with torch.no_grad():
             texts = generate_batch(model, tokenizer, items, max_new_tokens=max_new, system_prompt=cfg.system_prompt,
                                    slide_sizes=sizes)
-        _append_rows(pred_path, [_score_row(a.question, a.condition, t, a.order, a.features_from)
-                                 for a, t in zip(batch, texts, strict=True)])
+        append_jsonl(pred_path, [_score_row(a.question, a.condition, t, a.order, a.features_from)
+                                  for a, t in zip(batch, texts, strict=True)])
     return len(asks)
 
 
@@ -475,6 +537,11 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     if any(q.kind == "report" for q in questions) and not java_available():
         raise RuntimeError("report metrics need java (pycocoevalcap); install a JRE before running")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder")
+    if cfg.predictions is not None:
+        # Read and check the answers before anything is written, so a bad file leaves no trace in `out`.
+        read = read_predictions_file(cfg.predictions, questions, cfg.bad_predictions)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(cfg, out)
     pred_path = out / "predictions.jsonl"
@@ -483,20 +550,29 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     asked = skipped = 0
     if cfg.predictions is not None:
         # Scoring is cheap and the file may have changed: always rewrite, never resume.
-        answers = read_predictions_file(cfg.predictions, questions)
-        new = [_score_row(q, CONDITION_SLIDE, answers[q.id], None, None) for q in questions if q.id in answers]
-        atomic_write_text(pred_path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in new))
-        asked = len(new)
-        missing = [q.id for q in questions if q.id not in answers]
-        coverage = {"questions": len(questions), "asked_questions": len(questions) - len(missing),
-                    "missing_prediction_questions": len(missing), "missing_ids_sample": missing[:20]}
+        as_failed = cfg.bad_predictions == "failed"
+        missing = [q.id for q in questions if q.id not in read.answers and q.id not in read.affected]
         if missing and cfg.fail_on_missing:
             raise ValueError(f"{cfg.predictions}: no answer for {len(missing)} questions, e.g. {missing[:5]}")
+        # With --bad-predictions failed, a question without a usable answer is scored as an empty (FAILED)
+        # answer, never dropped: dropping it would raise the score.
+        new = [_score_row(q, CONDITION_SLIDE, read.answers.get(q.id, ""), None, None) for q in questions
+               if q.id in read.answers or as_failed]
+        _write_run_config(cfg, out)
+        atomic_write_text(pred_path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in new))
+        asked = len(new)
+        unscored = [] if as_failed else missing
+        coverage = {"questions": len(questions), "asked_questions": len(questions) - len(unscored),
+                    "missing_prediction_questions": len(unscored), "missing_ids_sample": unscored[:20],
+                    "failed_unanswered_questions": len(missing) + len(read.affected) if as_failed else 0,
+                    "prediction_file_problems": read.problems[:20]}
     else:
         assert cfg.features is not None
         asks, coverage = _plan(cfg, questions, FeatureResolver(cfg.features))
         todo = [a for a in asks if (a.question.id, a.condition) not in done]
         skipped = len(asks) - len(todo)
+        if todo:
+            _write_run_config(cfg, out)
         asked = _generate(cfg, todo, pred_path) if todo else 0
     scores = score_rows(questions, read_jsonl(pred_path))
     results = {
@@ -533,6 +609,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         "missing_prediction_questions")
     if missing:
         lines.append(f"  \n**Not scored: {missing} questions** (no features / no prediction).")
+    failed_unanswered = results["coverage"].get("failed_unanswered_questions")
+    if failed_unanswered:
+        lines.append(f"  \n**Scored as FAILED: {failed_unanswered} questions** without a usable answer in the "
+                     "predictions file (`--bad-predictions failed`).")
     lines.append("")
     header = "| | n | " + " | ".join(f"{n} %" for n in names) + " |"
     rule = "|---|---:|" + "---:|" * len(names)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 
 from tiny_models import K, build_tiny  # noqa: E402
 from toy_data import DIM, make_toy_dataset  # noqa: E402

@@ -206,7 +206,7 @@ def test_zeroed_control_shows_a_blank_slide(tiny_checkpoint: Path, slidebench_fe
     stay readable); the control shows one all-zero tile at the origin, with no slide size."""
     import torch
 
-    import pathchat.model.generation as generation
+    import pathchat.inference.engine as generation
 
     seen: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
 

@@ -9,7 +9,14 @@ import torch
 from tiny_models import FEATURE_DIM, K, build_tiny
 
 from pathchat.model.conversation import render_conversation
-from pathchat.model.generation import ChatSession, answer_relevance, generate_batch, generate_batch_ids
+from pathchat.inference.engine import (
+    ChatSession,
+    end_of_turn_ids,
+    generate_batch,
+    generate_batch_ids,
+    suppressed_ids,
+)
+from pathchat.inference.relevance import answer_relevance
 
 
 @pytest.fixture(params=["qwen2", "llama"])
@@ -42,7 +49,7 @@ def test_follow_up_reuses_cache_and_matches_full_recompute(tiny, caplog):
         assert session.prefill_lengths == [len(first_prompt)]
         assert cached_after_1[: len(first_prompt)] == first_prompt
         assert session.cache is not None and len(cached_after_1) == session.cache.get_seq_length()
-        with caplog.at_level(logging.INFO, logger="pathchat.model.generation"):
+        with caplog.at_level(logging.INFO, logger="pathchat.inference.engine"):
             session.ask("Is there lymphovascular invasion?", max_new_tokens=4)
     finally:
         handle.remove()
@@ -122,6 +129,30 @@ def test_batch_equals_single(tiny):
     # ... and a single answer equals the ChatSession's greedy answer.
     session = ChatSession(model, tokenizer, items[0][0], items[0][1])
     assert session.ask(questions[0], max_new_tokens=6) == singles[0]
+
+
+def test_greedy_batch_equals_transformers_generate_token_for_token(tiny):
+    """The engine's loop and transformers' `generate` pick the same ids, padded rows included."""
+    _, model, tokenizer = tiny
+    questions = ["What tissue is this?", "Is there invasion of the lymph nodes by carcinoma?"]
+    items = [(*_slide(n, seed), q) for n, seed, q in zip((12, 5), (3, 4), questions, strict=True)]
+    result = generate_batch_ids(model, tokenizer, items, max_new_tokens=8)
+    width = result.sequences.shape[1] - result.answer_mask.sum(dim=1).max().item()
+    prompt_ids = result.sequences[:, :width]
+    prompt_mask = result.attention_mask[:, :width]
+    stop = sorted(end_of_turn_ids(tokenizer, model))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        reference = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=8,
+                                   do_sample=False, eos_token_id=stop, pad_token_id=pad,
+                                   suppress_tokens=suppressed_ids(model), **result.tiles)
+    ours = result.sequences[:, width:]
+    theirs = reference[:, width:]
+    assert theirs.shape[1] >= 1
+    for i in range(len(items)):
+        mine = ours[i][result.answer_mask[i, width:]].tolist()
+        assert mine == theirs[i, : len(mine)].tolist(), f"row {i}"
+        assert len(mine) >= 1
 
 
 def test_answer_relevance_shape_sum_and_padding(tiny):

@@ -1,4 +1,11 @@
-"""Chatting about slides: a KV-cached multi-turn session, left-padded batch answers, answer evidence.
+"""The decode engine: one sampler and one token loop, under a KV-cached chat session and batch answers.
+
+`decode` is the only generation loop: it samples (greedy or temperature / top-k / top-p) from
+`[b, V]` logits, masks the tokens that must never be generated, stops each row at its end-of-turn
+token and feeds the chosen tokens back through the model's KV cache. `ChatSession` streams one
+slide's answers through it (batch 1), `generate_batch_ids` many slides' answers at once (left
+padding); both are thin wrappers, so a streamed greedy answer equals the batched one, and both
+equal transformers' `generate` token for token (tested).
 
 `ChatSession` keeps the KV cache of everything the model has read or written (system prompt,
 slide tokens, earlier questions and its own answers), so a follow-up question prefills only its
@@ -31,14 +38,17 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
 
+from pathchat.data.collator import pad_tiles
 from pathchat.model.connectors.positions import stack_slide_sizes
 from pathchat.model.conversation import SLIDE_TOKEN, render_conversation
 from pathchat.model.modeling import PathChatForConditionalGeneration
 
 __all__ = [
+    "SamplingParams",
+    "decode",
+    "sample_next",
     "ChatSession",
     "BatchGeneration",
-    "answer_relevance",
     "check_context",
     "end_of_turn_ids",
     "generate_batch",
@@ -70,25 +80,91 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: Any | None = None
     return ids
 
 
-def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                generator: torch.Generator | None) -> Tensor:
-    """`[b, V]` float logits -> `[b]` next ids (greedy, or temperature / top-k / top-p sampling)."""
-    if not do_sample:
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token: greedy (default) or sampled, and the answer's length budget."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0  # > 0; only when sampling
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 keeps all
+    top_k: int = 0  # 0 keeps all
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """`[b, V]` logits -> `[b]` next ids (greedy, or temperature / top-k / top-p sampling)."""
+    if not params.do_sample:
         return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    logits = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
+    if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the first token always
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs > params.top_p  # keep the first token always
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(
+    model: PathChatForConditionalGeneration,
+    logits: Tensor,
+    cache: DynamicCache,
+    params: SamplingParams,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    attention_mask: Tensor | None = None,
+    next_positions: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The token loop: yields `(tokens [b], alive [b])` per step, `alive` False for rows already stopped.
+
+    `logits` `[b, V]` are the last prompt position's. A row stops at its first token in `stop_ids`
+    (that token is yielded, with alive True); stopped rows get `pad_id`. Each yielded token is fed
+    through the model (extending `cache`) only when the consumer asks for the next one, so the
+    cache always holds every yielded token except the last: closing the iterator early (a stop
+    button) leaves a consistent cache.
+
+    Args:
+        attention_mask: `[b, L]` of the cached positions for left-padded batches (None for one
+            unpadded row: the causal mask follows the cache); extended by one column per step.
+        next_positions: `[b]` position id of each row's next token (with `attention_mask`).
+    """
+    device = logits.device
+    suppress = torch.tensor(suppressed_ids(model), dtype=torch.long, device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+    for step in range(params.max_new_tokens):
+        logits = logits.index_fill(-1, suppress, float("-inf"))  # a copy: callers keep their logits
+        token = sample_next(logits, params, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        alive = ~done
+        done = done | torch.isin(token, stops)
+        yield token, alive
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            return
+        kwargs: dict[str, Tensor] = {}
+        if attention_mask is not None:
+            assert next_positions is not None
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            kwargs = {"attention_mask": attention_mask, "position_ids": next_positions.unsqueeze(1)}
+            next_positions = next_positions + 1
+        # Rows that have stopped keep decoding pad ids; their outputs are discarded.
+        out = model(input_ids=token.unsqueeze(1), cache=cache, use_cache=True, **kwargs)
+        logits = out.logits[:, -1]
 
 
 def max_context(model: PathChatForConditionalGeneration) -> int | None:
@@ -317,11 +393,11 @@ class ChatSession:
                   temperature: float, top_p: float, top_k: int) -> Iterator[str]:
         if self._busy:
             raise RuntimeError("ChatSession: finish (or close) the previous streamed answer first")
+        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k)
         self._busy = True
         messages = [*self.messages, {"role": "user", "content": question}]
         generated: list[int] = []
         emitted = ""
-        device = self._device()
         try:
             # `_ask` rendered the prompt already; render again only if the conversation moved on
             # since (another answer finished between creating this stream and starting it).
@@ -329,35 +405,27 @@ class ChatSession:
             if history_length != len(self.messages):
                 target = self.render(messages)
                 check_context(self.model, len(target), max_new_tokens, "ChatSession")
-            suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device)
             logits = self._prefill(target)
-            for _ in range(max_new_tokens):
-                logits = logits.index_fill(0, suppress, float("-inf"))  # a copy: last_logits keep theirs
-                token = int(_next_token(logits.unsqueeze(0), do_sample, temperature, top_p, top_k,
-                                        self.generator)[0])
-                generated.append(token)
-                if token in self.stop_ids:
+            assert self.cache is not None
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            for token, _ in decode(self.model, logits.unsqueeze(0), self.cache, params, sorted(self.stop_ids),
+                                   int(pad_id), generator=self.generator):
+                generated.append(int(token[0]))
+                if generated[-1] in self.stop_ids:
                     break
                 piece = _text_delta(self.tokenizer, generated, emitted, final=False)
                 if piece:
                     emitted += piece
                     yield piece
-                if len(generated) == max_new_tokens:
-                    break
-                assert self.cache is not None
-                # One unpadded sequence: no attention mask (the causal mask follows the cache),
-                # which spares the language model its per-step mask checks.
-                out = self.model(input_ids=torch.tensor([[token]], device=device), cache=self.cache,
-                                 use_cache=True)
-                self.cached_ids.append(token)
-                logits = out.logits[0, -1]
-            piece = _text_delta(self.tokenizer, generated, emitted, final=True)
+            piece = _text_delta(self.tokenizer, [t for t in generated if t not in self.stop_ids], emitted,
+                                final=True)
             if piece:
                 emitted += piece
                 yield piece
         finally:
-            # Also on close(): the cache holds the answer so far, so record it as the answer.
+            # Also on close(): the cache holds every generated token but the last (see `decode`).
             self._busy = False
+            self.cached_ids += generated[:-1]
             if len(self.prefill_lengths) > len(self.answer_ids):  # the prefill happened
                 self.messages = [*messages, {"role": "assistant", "content": emitted}]
                 self.answer_ids.append(generated)
@@ -376,6 +444,8 @@ class ChatSession:
         ids = torch.tensor([prompt + answer])
         answer_mask = torch.zeros_like(ids, dtype=torch.bool)
         answer_mask[0, len(prompt):] = True
+        from pathchat.inference.relevance import answer_relevance
+
         return answer_relevance(self.model, ids, answer_mask, **self.tiles)[0]  # type: ignore[arg-type]
 
     def _message_index(self, turn: int) -> int:
@@ -407,27 +477,17 @@ def _batch1(t: Tensor, dims: int) -> Tensor:
 
 def _pad_tiles(items: Sequence[tuple[Tensor, Tensor | None]], device: torch.device,
                slide_sizes: Sequence[Tensor | None] | None = None) -> dict[str, Tensor | None]:
-    """Right-pad `[n_i, d]` features (and `[n_i, 2]` coords) to `[b, n_max, ...]` with a tile_mask;
-    slide sizes become `[b, 2]` (NaN rows where unknown)."""
+    """The batch's tiles as the model takes them (`pad_tiles`, as in training); slide sizes `[b, 2]`."""
     feats = [f.squeeze(0) if f.dim() == 3 else f for f, _ in items]
-    n_max = max(f.shape[0] for f in feats)
-    b, d = len(feats), feats[0].shape[-1]
-    features = feats[0].new_zeros(b, n_max, d)
-    mask = torch.zeros(b, n_max, dtype=torch.bool)
-    has_coords = [c is not None for _, c in items]
-    if any(has_coords) and not all(has_coords):
+    coords = [None if c is None else (c.squeeze(0) if c.dim() == 3 else c) for _, c in items]
+    if any(c is not None for c in coords) and not all(c is not None for c in coords):
         raise ValueError("give tile_coords for every item or for none")
-    coords = features.new_zeros(b, n_max, 2) if all(has_coords) else None
-    for i, (f, (_, c)) in enumerate(zip(feats, items, strict=True)):
-        features[i, : f.shape[0]] = f
-        mask[i, : f.shape[0]] = True
-        if coords is not None and c is not None:
-            coords[i, : f.shape[0]] = c.squeeze(0) if c.dim() == 3 else c
-    if slide_sizes is not None and len(slide_sizes) != b:
-        raise ValueError(f"{len(slide_sizes)} slide sizes for {b} items")
+    features, padded_coords, mask = pad_tiles(feats, coords)
+    if slide_sizes is not None and len(slide_sizes) != len(items):
+        raise ValueError(f"{len(slide_sizes)} slide sizes for {len(items)} items")
     sizes = None if slide_sizes is None else stack_slide_sizes(list(slide_sizes))
     return {"tile_features": features.to(device), "tile_mask": mask.to(device),
-            "tile_coords": None if coords is None else coords.to(device),
+            "tile_coords": None if padded_coords is None else padded_coords.to(device),
             "slide_size_um": None if sizes is None else sizes.to(device)}
 
 
@@ -515,30 +575,18 @@ def generate_batch_ids(
     check_context(model, width, max_new_tokens, "generate_batch")
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     tiles = _pad_tiles([(f, c) for f, c, _ in items], device, slide_sizes)
-    stop_ids = torch.tensor(sorted(end_of_turn_ids(tokenizer, model)), device=device)
 
     cache = _new_cache(model)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=True, **tiles)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+                cache=cache, use_cache=True, logits_to_keep=1, **tiles)
     generated: list[Tensor] = []
     alive: list[Tensor] = []  # per step, which rows were still answering when it was generated
-    next_pos = position_ids[:, -1] + 1
-    suppress = torch.tensor(suppressed_ids(model), dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
-        token = out.logits[:, -1].index_fill(1, suppress, float("-inf")).argmax(dim=-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    for token, live in decode(model, out.logits[:, -1], cache, params, sorted(end_of_turn_ids(tokenizer, model)),
+                              pad_id, attention_mask=attention_mask, next_positions=position_ids[:, -1] + 1):
         generated.append(token)
-        alive.append(~done)
-        done = done | torch.isin(token, stop_ids)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        # Rows that have stopped keep decoding pad ids; their outputs are discarded.
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask,
-                    position_ids=next_pos.unsqueeze(1), cache=cache, use_cache=True)
-        next_pos = next_pos + 1
+        alive.append(live)
     gen = torch.stack(generated, dim=1)  # [b, T]
     live = torch.stack(alive, dim=1)
     answers = []
@@ -550,72 +598,3 @@ def generate_batch_ids(
     answer_mask = torch.cat([torch.zeros_like(input_ids, dtype=torch.bool), live], dim=1)
     return BatchGeneration(answers=answers, sequences=sequences, attention_mask=full_mask,
                            answer_mask=answer_mask, tiles=tiles)
-
-
-@torch.no_grad()
-def answer_relevance(
-    model: PathChatForConditionalGeneration,
-    input_ids: Tensor,
-    answer_mask: Tensor,
-    tile_features: Tensor,
-    tile_coords: Tensor | None = None,
-    tile_mask: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    slide_size_um: Tensor | None = None,
-) -> Tensor:
-    """Per answer, how much each tile supports it: `[b, n]`, >= 0, summing to 1 over valid tiles.
-
-    One eager forward with attentions over the whole sequence (prompt + answer). For each
-    answer, w[j] is the attention paid to slide token j, averaged over layers, heads and the
-    query positions that produced the answer's tokens (position p-1 for answer token p);
-    the map is `w @ token_relevance` (`[k] @ [k, n]`), zeroed on padding tiles and normalised.
-    A connector without `token_relevance` falls back to its `tile_relevance`.
-
-    Args:
-        input_ids: `[b, L]` prompt (k placeholders each) followed by the answer tokens.
-        answer_mask: `[b, L]` bool, True at answer tokens (at least one per row).
-        tile_features, tile_coords, tile_mask: the slides, as for `forward`.
-        attention_mask: `[b, L]` (None: all ones); left padding is handled with position ids.
-        slide_size_um: `[b, 2]` slide sizes in µm, as for `forward`.
-    """
-    device = next(model.parameters()).device
-    input_ids, answer_mask = input_ids.to(device), answer_mask.to(device).bool()
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device)
-    if not bool(answer_mask.any(dim=1).all()):
-        raise ValueError("answer_mask: every row needs at least one answer token")
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    lm = model.language_model
-    previous = lm.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    tile_features=tile_features.to(device),
-                    tile_coords=None if tile_coords is None else tile_coords.to(device),
-                    tile_mask=None if tile_mask is None else tile_mask.to(device),
-                    slide_size_um=None if slide_size_um is None else slide_size_um.to(device),
-                    use_cache=False, output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
-    if not out.attentions:
-        raise RuntimeError("the language model returned no attentions (needs eager attention)")
-    attn = torch.stack([a.float() for a in out.attentions]).mean(dim=(0, 2))  # [b, L(q), L(k)]
-    queries = torch.zeros_like(answer_mask)
-    queries[:, :-1] = answer_mask[:, 1:]  # the position that predicted each answer token
-    placeholder: Tensor = input_ids.eq(int(model.config.slide_placeholder_id or -1))
-    b, n = tile_features.shape[0], tile_features.shape[1]
-    valid = (torch.ones(b, n, dtype=torch.bool, device=device) if tile_mask is None
-             else tile_mask.to(device).bool())
-    result = torch.zeros(b, n, device=device)
-    for i in range(b):
-        to_slide = attn[i][queries[i]][:, placeholder[i]].mean(dim=0)  # [k], slide-token order
-        if out.token_relevance is not None:
-            rel = to_slide @ out.token_relevance[i].float()
-        else:
-            assert out.tile_relevance is not None
-            rel = out.tile_relevance[i].float() * to_slide.sum()
-        rel = rel.clamp(min=0) * valid[i]
-        total = rel.sum()
-        result[i] = rel / total if total > 0 else valid[i].float() / valid[i].sum().clamp(min=1)
-    return result
