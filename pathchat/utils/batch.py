@@ -4,12 +4,14 @@ Slides run in worker processes watched by this one: a slide that raises, hangs p
 crashes natively fails alone, and its worker is replaced. `slides_per_worker=1` gives every slide a
 fresh process (tiling: nothing is worth keeping between slides); `None` keeps a worker, and the
 model it loaded in `setup`, until it dies (extraction).
-`JOB/manifest.jsonl` is an append-only history (one row per slide and state); a slide is skipped on
-rerun only when its last `done` row has the same slide fingerprint and parameters and every output
-it lists still has the recorded sha256. `JOB/failures.jsonl` holds the slides failed now.
+`JOB/manifest.jsonl` is an append-only history (one row per slide and state: `started`, then `done`,
+`no_tissue` or `failed`; `skipped` with its earlier `outcome` on a rerun); a slide is skipped on rerun
+only when its last `done` / `no_tissue` row has the same slide fingerprint and parameters and every
+output it lists still has the recorded sha256. `JOB/failures.jsonl` holds the slides failed now.
 Several processes (or nodes on a shared file system, e.g. under `torchrun`) may run the same job
-at once: a lock file per slide makes each slide run exactly once, and a lock whose owner died or
-stopped refreshing it is taken over.
+at once: a lock file per slide makes each slide run exactly once; a process waits for the slides
+others hold, and takes over a lock whose owner is gone (dead, a reused pid, a reboot) or stopped
+refreshing it. The summary line is `done N / no_tissue N / skipped N / failed N`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
@@ -110,50 +113,117 @@ class DistributedContext:
                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
+#: A slide's outcomes, as counted in the summary line. `done`: worked on now; `no_tissue`: worked on
+#: (now or earlier) and no tile has usable tissue; `skipped`: already done earlier with the same inputs;
+#: `failed`: failed (here, or in another process sharing the job).
+OUTCOMES = ("done", "no_tissue", "skipped", "failed")
+
+
 @dataclass
 class BatchSummary:
+    """What one `BatchRunner.run` did; `line()` is the verb's last output line.
+
+    Attributes:
+        done / no_tissue / skipped / failed: slide counts (see `OUTCOMES`); every slide given to the
+            runner lands in exactly one of them.
+        failures: the failure rows (slide_id, path, error_type, message).
+        no_tissue_slides: ids of the slides without usable tissue.
+        ignored: files that were found in a folder but are no slide (path, reason), from discovery.
+    """
+
     done: int = 0
+    no_tissue: int = 0
     skipped: int = 0
     failed: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    no_tissue_slides: list[str] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 when every slide succeeded or was already done, 2 when any failed."""
+        """0 when every slide was done (or found without tissue, or already done), 2 when any failed."""
         return 2 if self.failed else 0
 
     def line(self) -> str:
-        return f"done {self.done} / skipped {self.skipped} / failed {self.failed}"
+        text = f"done {self.done} / no_tissue {self.no_tissue} / skipped {self.skipped} / failed {self.failed}"
+        return text + (f" / ignored files {len(self.ignored)}" if self.ignored else "")
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def _boot_id() -> str:
+    """The kernel's boot id: a pid recorded before a reboot means nothing after it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (Linux), or None when unknown or gone.
+
+    With the host and the boot id it names a process for good: a reused pid has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:  # the command name (field 2) may hold spaces and parentheses: split after its closing ')'
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
 class SlideLocks:
     """One lock file per slide so concurrent processes never work on the same slide.
 
-    A lock is stale when its owner on this host is dead, or when nobody refreshed it for
-    `stale_after_s` (the owner's node died); a stale lock is moved aside atomically and retaken.
+    A lock records its owner's host, boot id, pid and process start time. It is stale when that owner
+    is gone on this host (dead pid, a pid reused by another process, or a reboot), or when nobody
+    refreshed it for `stale_after_s` (the owner's node died); a stale lock is moved aside atomically
+    and retaken.
     """
 
     def __init__(self, folder: Path, stale_after_s: float = 600.0):
         self.folder = folder
         self.stale_after_s = stale_after_s
         self.host = socket.gethostname()
+        self.boot_id = _boot_id()
+        self.owner = {"host": self.host, "boot_id": self.boot_id, "pid": os.getpid(),
+                      "start_time": process_start_time(os.getpid())}
 
     def _path(self, slide_id: str) -> Path:
         return self.folder / f"{slide_id}.lock"
 
-    def _is_stale(self, path: Path) -> bool:
+    def owner_gone(self, owner: dict[str, Any]) -> bool:
+        """Whether the process a lock names has certainly ended (only decidable on this host)."""
+        if owner.get("host") != self.host:
+            return False
+        if owner.get("boot_id") and self.boot_id and owner["boot_id"] != self.boot_id:
+            return True
+        try:
+            pid = int(owner.get("pid", -1))
+        except (TypeError, ValueError):
+            return True
+        if pid <= 0 or not pid_alive(pid):
+            return True
+        recorded = owner.get("start_time")
+        return recorded is not None and process_start_time(pid) not in (None, recorded)
+
+    def holder(self, slide_id: str) -> dict[str, Any] | None:
+        """The live owner recorded in a slide's lock, or None when it is free or stale."""
+        path = self._path(slide_id)
         try:
             age = time.time() - path.stat().st_mtime
             owner = json.loads(path.read_text() or "{}")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return True  # vanished, or torn while being written by a process that then died
-        if owner.get("host") == self.host and not pid_alive(int(owner.get("pid", -1))):
-            return True
-        return age > self.stale_after_s
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # torn while being written by a process that then died
+        if not isinstance(owner, dict) or self.owner_gone(owner) or age > self.stale_after_s:
+            return None
+        return owner
 
     def acquire(self, slide_id: str) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -162,7 +232,7 @@ class SlideLocks:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if not self._is_stale(path):
+                if self.holder(slide_id) is not None:
                     return False
                 aside = path.with_name(f".{path.name}.stale-{os.getpid()}")
                 with contextlib.suppress(FileNotFoundError):
@@ -171,7 +241,7 @@ class SlideLocks:
                     log.warning("took over the stale lock of %s", slide_id)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"host": self.host, "pid": os.getpid(), "time": _now()}, f)
+                json.dump({**self.owner, "time": _now()}, f)
             return True
         return False
 
@@ -202,9 +272,12 @@ class _ManifestTail:
         self.offset += end
         rows = []
         for line in data[:end].splitlines():
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                log.warning("%s: a torn line (a writer killed mid-append) is skipped", self.path)
                 continue
             if isinstance(row, dict) and "slide_id" in row:
                 rows.append(row)
@@ -275,8 +348,38 @@ class _Worker:
     last_refresh: float = 0.0
 
 
+@dataclass
+class _Waiting:
+    """A slide whose lock another live process holds: accounted for once that process lets go of it."""
+
+    source: SlideSource
+    fingerprint: str
+    last_row: dict[str, Any] | None  # the slide's latest terminal row when the wait began
+
+
+@dataclass
+class _RunState:
+    """The moving parts of one `BatchRunner.run`: the queue, the workers and the counts."""
+
+    summary: BatchSummary
+    bar: Any
+    pending: deque[SlideSource]
+    idle: list[_Worker] = field(default_factory=list)
+    busy: list[_Worker] = field(default_factory=list)
+    waiting: list[_Waiting] = field(default_factory=list)
+
+
+_TERMINAL = ("done", "no_tissue", "failed")
+_WAIT_POLL_S = 1.0
+
+
 class BatchRunner:
     """Runs one verb over many slides into a job folder.
+
+    A work function returns `{"outputs": [paths], "info": {...}}`, plus `"state": "no_tissue"` when the
+    slide holds no usable tissue (its outputs are still written and checked on resume; the slide is
+    counted and recorded as `no_tissue`, never as done). Every slide given to `run` ends in exactly one
+    of `OUTCOMES`: a slide another process is working on is waited for, never counted as skipped.
 
     Args:
         job_dir: the job folder.
@@ -300,11 +403,15 @@ class BatchRunner:
                  slides_per_worker: int | None = 1, progress: bool = True,
                  distributed: DistributedContext | None = None, runtime_params: dict[str, Any] | None = None,
                  expected_errors: tuple[type[Exception], ...] = ()):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not timeout_s > 0 or timeout_s == float("inf"):
+            raise ValueError(f"--timeout must be a positive number of seconds, got {timeout_s}")
         self.job_dir = Path(job_dir)
         self.expected_errors = expected_errors
         self.verb, self.fn, self.params, self.setup = verb, fn, params, setup
         self.worker_params = {**params, **(runtime_params or {})}
-        self.workers, self.timeout_s, self.progress = max(1, workers), timeout_s, progress
+        self.workers, self.timeout_s, self.progress = workers, timeout_s, progress
         self.slides_per_worker = slides_per_worker
         self.dist = distributed or DistributedContext.from_env()
         self.key = params_key(verb, params)
@@ -312,15 +419,23 @@ class BatchRunner:
         self.failures_path = self.job_dir / "failures.jsonl"
         self.locks = SlideLocks(self.job_dir / ".locks" / f"{verb}-{self.key}")
         self._manifest = _ManifestTail(self.manifest_path)
-        self._done_rows: dict[str, dict[str, Any]] = {}
+        self._complete_rows: dict[str, dict[str, Any]] = {}  # latest done / no_tissue row per slide
+        self._terminal_rows: dict[str, dict[str, Any]] = {}  # latest done / no_tissue / failed row per slide
 
     # -- resume ---------------------------------------------------------------------------------
-    def _last_done(self, slide_id: str) -> dict[str, Any] | None:
-        """The slide's latest `done` row for these parameters, including rows other processes just wrote."""
+    def _read_new_rows(self) -> None:
+        """Take in the rows appended since the last look, by this process or by others sharing the job."""
         for row in self._manifest.new_rows():
-            if row.get("verb") == self.verb and row.get("params_key") == self.key and row.get("state") == "done":
-                self._done_rows[row["slide_id"]] = row
-        return self._done_rows.get(slide_id)
+            if row.get("verb") != self.verb or row.get("params_key") != self.key or row.get("state") not in _TERMINAL:
+                continue
+            self._terminal_rows[row["slide_id"]] = row
+            if row["state"] != "failed":
+                self._complete_rows[row["slide_id"]] = row
+
+    def _last_complete(self, slide_id: str) -> dict[str, Any] | None:
+        """The slide's latest done / no_tissue row for these parameters, including other processes' rows."""
+        self._read_new_rows()
+        return self._complete_rows.get(slide_id)
 
     def _is_complete(self, row: dict[str, Any] | None, fingerprint: str) -> bool:
         if row is None or row.get("fingerprint") != fingerprint:
@@ -350,6 +465,32 @@ class BatchRunner:
     def _clear_failure(self, slide_id: str) -> None:
         with self._failures_locked() as failures:
             failures.pop(slide_id, None)
+
+    def _count(self, run: _RunState, outcome: str, slide_id: str) -> None:
+        summary = run.summary
+        setattr(summary, outcome, getattr(summary, outcome) + 1)
+        if outcome == "no_tissue":
+            summary.no_tissue_slides.append(slide_id)
+        run.bar.update(1)
+        run.bar.set_postfix({k: getattr(summary, k) for k in OUTCOMES})
+
+    def _fail(self, run: _RunState, source: SlideSource, fingerprint: str, error_type: str, message: str,
+              **extra: Any) -> None:
+        self._record(source, "failed", fingerprint, error={"type": error_type, "message": message}, **extra)
+        row = {"slide_id": source.slide_id, "path": str(source.path), "verb": self.verb,
+               "error_type": error_type, "message": message, "time": _now()}
+        with self._failures_locked() as failures:
+            failures[source.slide_id] = row
+        run.summary.failures.append(row)
+        log.warning("failed %s: %s", source.slide_id, message)
+        self._count(run, "failed", source.slide_id)
+
+    def _count_complete(self, run: _RunState, source: SlideSource, fingerprint: str, row: dict[str, Any]) -> None:
+        """A slide already done with these inputs: recorded as skipped, counted by its outcome."""
+        outcome = "no_tissue" if row["state"] == "no_tissue" else "skipped"
+        self._record(source, "skipped", fingerprint, outcome=row["state"])
+        self._clear_failure(source.slide_id)
+        self._count(run, outcome, source.slide_id)
 
     # -- workers --------------------------------------------------------------------------------
     def _start_worker(self, ctx: Any) -> _Worker:
@@ -393,132 +534,176 @@ class BatchRunner:
             return self._run(self._ordered(sources))
 
     def _run(self, sources: list[SlideSource]) -> BatchSummary:
-        self.job_dir.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temps(self.job_dir)
-        with self._failures_locked():
-            pass  # creates failures.jsonl, so scripts can always read it
-        summary = BatchSummary()
+        """Claim, dispatch and collect until every slide is accounted for."""
+        self._prepare_job_folder()
         # forkserver: workers fork from a small, thread-free server (a plain fork of a process that
         # holds threads can deadlock). Preloading also hands the server this process's sys.path.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(sorted({"pathchat.utils.batch", self.fn.__module__}))
-        pending = list(sources)
-        idle: list[_Worker] = []
-        busy: list[_Worker] = []
         bar = tqdm(total=len(sources), desc=f"pathchat {self.verb}", unit="slide",
                    disable=not self.progress or self.dist.rank != 0)
-
-        def count(state: str) -> None:
-            setattr(summary, state, getattr(summary, state) + 1)
-            bar.update(1)
-            bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
-
-        def fail(source: SlideSource, fingerprint: str, error_type: str, message: str, **extra: Any) -> None:
-            self._record(source, "failed", fingerprint, error={"type": error_type, "message": message}, **extra)
-            row = {"slide_id": source.slide_id, "path": str(source.path), "verb": self.verb,
-                   "error_type": error_type, "message": message, "time": _now()}
-            with self._failures_locked() as failures:
-                failures[source.slide_id] = row
-            summary.failures.append(row)
-            log.warning("failed %s: %s", source.slide_id, message)
-            count("failed")
-
-        def claim(source: SlideSource) -> str | None:
-            """Fingerprint of a slide this process should work on now, or None (done/failed/elsewhere)."""
-            try:
-                fingerprint = fingerprint_slide(source)
-            except OSError as e:
-                fail(source, "", "unreadable_file", f"{source.path}: cannot read: {e}")
-                return None
-            if self._is_complete(self._last_done(source.slide_id), fingerprint):
-                self._record(source, "skipped", fingerprint)
-                self._clear_failure(source.slide_id)
-                count("skipped")
-                return None
-            if not self.locks.acquire(source.slide_id):
-                log.info("%s is being processed by another worker", source.slide_id)
-                count("skipped")
-                return None
-            # another process may have finished it between our check and our lock
-            if self._is_complete(self._last_done(source.slide_id), fingerprint):
-                self.locks.release(source.slide_id)
-                count("skipped")
-                return None
-            return fingerprint
-
+        run = _RunState(BatchSummary(), bar, deque(sources))
         try:
-            while pending or busy:
-                while pending and len(busy) < self.workers:
-                    source = pending.pop(0)
-                    fingerprint = claim(source)
-                    if fingerprint is None:
-                        continue
-                    w = idle.pop() if idle else self._start_worker(ctx)
-                    self._record(source, "started", fingerprint)
-                    w.source, w.fingerprint, w.started, w.last_refresh = source, fingerprint, time.monotonic(), time.time()
-                    # a worker that already exited (e.g. its setup failed) is handled by the loop below
-                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        w.conn.send(replace(source, fingerprint=fingerprint))
-                    busy.append(w)
-                if not busy:
-                    continue
-                timeout = max(0.0, min(w.started + self.timeout_s for w in busy) - time.monotonic())
-                wait([w.process.sentinel for w in busy] + [w.conn for w in busy], timeout=min(timeout, 30.0))
-                for w in list(busy):
-                    assert w.source is not None
-                    if time.time() - w.last_refresh > 30:
-                        self.locks.refresh(w.source.slide_id)
-                        w.last_refresh = time.time()
-                    message = None
-                    if w.conn.poll():
-                        with contextlib.suppress(EOFError, ConnectionResetError):
-                            message = w.conn.recv()
-                    elapsed = time.monotonic() - w.started
-                    if message is None and w.process.is_alive() and elapsed < self.timeout_s:
-                        continue
-                    busy.remove(w)
-                    source, fingerprint = w.source, w.fingerprint
-                    if message is not None and "setup_error" in message:
-                        self.locks.release(source.slide_id)
-                        self._stop_worker(w, kill=True)
-                        raise BatchSetupError(f"pathchat {self.verb}: workers cannot start: {message['setup_error']}")
-                    if message is None:
-                        alive = w.process.is_alive()
-                        self._stop_worker(w, kill=True)
-                        if alive:
-                            fail(source, fingerprint, "timeout", f"{source.path}: no result after {self.timeout_s:g} s; killed")
-                        else:
-                            code = w.process.exitcode
-                            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                            fail(source, fingerprint, "crashed", f"{source.path}: the worker process died ({why})")
-                    else:
-                        w.slides += 1
-                        if message["ok"]:
-                            self._finish_done(source, fingerprint, message, elapsed)
-                            count("done")
-                        else:
-                            fail(source, fingerprint, message["error_type"], message["message"],
-                                 warnings=message.get("warnings", []))
-                        if self.slides_per_worker is not None and w.slides >= self.slides_per_worker:
-                            self._stop_worker(w)
-                        else:
-                            idle.append(w)
-                    self.locks.release(source.slide_id)
+            while run.pending or run.busy or run.waiting:
+                self._dispatch(run, ctx)
+                if run.busy:
+                    self._collect(run)
+                self._poll_waiting(run)
+                if run.waiting and not run.busy and not run.pending:
+                    time.sleep(_WAIT_POLL_S)
         finally:
-            for w in busy:  # interrupted: leave no orphan workers or locks
-                self._stop_worker(w, kill=True)
-                if w.source is not None:
-                    self.locks.release(w.source.slide_id)
-            for w in idle:
-                self._stop_worker(w)
-            bar.close()
-        return summary
+            self._shutdown(run)
+        return run.summary
 
-    def _finish_done(self, source: SlideSource, fingerprint: str, message: dict[str, Any], elapsed: float) -> None:
+    def _prepare_job_folder(self) -> None:
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(self.job_dir)
+        with self._failures_locked():
+            pass  # creates failures.jsonl, so scripts can always read it
+
+    def _claim(self, run: _RunState, source: SlideSource) -> str | None:
+        """Fingerprint of a slide this process should work on now, or None (counted, or waiting for another)."""
+        try:
+            fingerprint = fingerprint_slide(source)
+        except OSError as e:
+            self._fail(run, source, "", "unreadable_file", f"{source.path}: cannot read: {e}")
+            return None
+        row = self._last_complete(source.slide_id)
+        if self._is_complete(row, fingerprint):
+            assert row is not None
+            self._count_complete(run, source, fingerprint, row)
+            return None
+        if not self.locks.acquire(source.slide_id):
+            owner = self.locks.holder(source.slide_id) or {}
+            log.info("%s is being processed by pid %s on %s; waiting for it", source.slide_id, owner.get("pid"),
+                     owner.get("host"))
+            run.waiting.append(_Waiting(source, fingerprint, self._terminal_rows.get(source.slide_id)))
+            return None
+        row = self._last_complete(source.slide_id)  # another process may have finished it meanwhile
+        if self._is_complete(row, fingerprint):
+            assert row is not None
+            self.locks.release(source.slide_id)
+            self._count_complete(run, source, fingerprint, row)
+            return None
+        return fingerprint
+
+    def _dispatch(self, run: _RunState, ctx: Any) -> None:
+        """Hand pending slides to free workers (starting workers as needed)."""
+        while run.pending and len(run.busy) < self.workers:
+            source = run.pending.popleft()
+            fingerprint = self._claim(run, source)
+            if fingerprint is None:
+                continue
+            w = run.idle.pop() if run.idle else self._start_worker(ctx)
+            self._record(source, "started", fingerprint)
+            w.source, w.fingerprint, w.started, w.last_refresh = source, fingerprint, time.monotonic(), time.time()
+            # a worker that already exited (e.g. its setup failed) is handled by `_collect`
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                w.conn.send(replace(source, fingerprint=fingerprint))
+            run.busy.append(w)
+
+    def _collect(self, run: _RunState) -> None:
+        """Wait for a result, a dead worker or a timeout, and settle every worker that finished."""
+        timeout = max(0.0, min(w.started + self.timeout_s for w in run.busy) - time.monotonic())
+        cap = _WAIT_POLL_S if run.waiting else 30.0
+        wait([w.process.sentinel for w in run.busy] + [w.conn for w in run.busy], timeout=min(timeout, cap))
+        for w in list(run.busy):
+            assert w.source is not None
+            if time.time() - w.last_refresh > 30:
+                self.locks.refresh(w.source.slide_id)
+                w.last_refresh = time.time()
+            message = None
+            if w.conn.poll():
+                with contextlib.suppress(EOFError, ConnectionResetError):
+                    message = w.conn.recv()
+            elapsed = time.monotonic() - w.started
+            if message is None and w.process.is_alive() and elapsed < self.timeout_s:
+                continue
+            run.busy.remove(w)
+            try:
+                self._settle(run, w, message, elapsed)
+            finally:
+                self.locks.release(w.source.slide_id)
+
+    def _settle(self, run: _RunState, w: _Worker, message: dict[str, Any] | None, elapsed: float) -> None:
+        """Record what became of a worker's slide, and keep or retire the worker."""
+        assert w.source is not None
+        source, fingerprint = w.source, w.fingerprint
+        if message is not None and "setup_error" in message:
+            self._stop_worker(w, kill=True)
+            raise BatchSetupError(f"pathchat {self.verb}: workers cannot start: {message['setup_error']}")
+        if message is None:
+            alive = w.process.is_alive()
+            self._stop_worker(w, kill=True)
+            if alive:
+                self._fail(run, source, fingerprint, "timeout", f"{source.path}: no result after {self.timeout_s:g} s; killed")
+            else:
+                code = w.process.exitcode
+                why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                self._fail(run, source, fingerprint, "crashed", f"{source.path}: the worker process died ({why})")
+            return
+        w.slides += 1
+        if message["ok"]:
+            self._finish(run, source, fingerprint, message, elapsed)
+        else:
+            self._fail(run, source, fingerprint, message["error_type"], message["message"],
+                       warnings=message.get("warnings", []))
+        if self.slides_per_worker is not None and w.slides >= self.slides_per_worker:
+            self._stop_worker(w)
+        else:
+            run.idle.append(w)
+
+    def _finish(self, run: _RunState, source: SlideSource, fingerprint: str, message: dict[str, Any],
+                elapsed: float) -> None:
         result = message["result"]
+        state = result.get("state", "done")
+        if state not in ("done", "no_tissue"):
+            self._fail(run, source, fingerprint, "bad_result",
+                       f"{source.path}: the {self.verb} step returned state {state!r} (expected done or no_tissue)")
+            return
         outputs = {str(Path(p).relative_to(self.job_dir)): sha256_file(p) for p in result.get("outputs", [])}
         for w in message.get("warnings", []):
             log.warning("%s: %s", source.slide_id, w)
-        self._record(source, "done", fingerprint, outputs=outputs, info=result.get("info", {}),
+        if state == "no_tissue":
+            log.warning("%s: no usable tissue found; no tiles", source.slide_id)
+        self._record(source, state, fingerprint, outputs=outputs, info=result.get("info", {}),
                      warnings=message.get("warnings", []), elapsed_s=round(elapsed, 3))
         self._clear_failure(source.slide_id)
+        self._count(run, state, source.slide_id)
+
+    def _poll_waiting(self, run: _RunState) -> None:
+        """Account for slides other processes held: their result, or back to the queue once their lock is free."""
+        if not run.waiting:
+            return
+        self._read_new_rows()
+        still: list[_Waiting] = []
+        for item in run.waiting:
+            slide_id = item.source.slide_id
+            row = self._terminal_rows.get(slide_id)
+            if row is not None and row is not item.last_row and row.get("fingerprint") == item.fingerprint:
+                if row["state"] == "failed":  # the other process recorded it in failures.jsonl
+                    error = row.get("error", {})
+                    failure = {"slide_id": slide_id, "path": str(item.source.path), "verb": self.verb,
+                               "error_type": error.get("type", "failed"),
+                               "message": f"{error.get('message', '')} (in rank {row.get('rank')})", "time": _now()}
+                    run.summary.failures.append(failure)
+                    self._count(run, "failed", slide_id)
+                elif self._is_complete(row, item.fingerprint):
+                    self._count_complete(run, item.source, item.fingerprint, row)
+                else:
+                    run.pending.append(item.source)
+            elif self.locks.holder(slide_id) is None:
+                run.pending.append(item.source)  # released or stale: claim it again (and take it over)
+            else:
+                still.append(item)
+        run.waiting = still
+
+    def _shutdown(self, run: _RunState) -> None:
+        """Leave no orphan workers or locks, whether the run ended or was interrupted."""
+        for w in run.busy:
+            self._stop_worker(w, kill=True)
+            if w.source is not None:
+                self.locks.release(w.source.slide_id)
+        for w in run.idle:
+            self._stop_worker(w)
+        run.bar.close()

@@ -8,7 +8,6 @@ import pytest
 import torch
 from tiny_models import FEATURE_DIM, K, build_tiny
 
-from pathchat.model.conversation import render_conversation
 from pathchat.inference.engine import (
     ChatSession,
     end_of_turn_ids,
@@ -17,6 +16,7 @@ from pathchat.inference.engine import (
     suppressed_ids,
 )
 from pathchat.inference.relevance import answer_relevance
+from pathchat.model.conversation import render_conversation
 
 
 @pytest.fixture(params=["qwen2", "llama"])
