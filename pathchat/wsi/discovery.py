@@ -3,6 +3,9 @@
 A DICOM series (several files, one SeriesInstanceUID) is one slide; so is a MIRAX `.mrxs` with its
 data folder, and a Hamamatsu `.vms`/`.vmu` with the JPEG files it lists. Other files are candidates
 when their extension is a slide or image format; anything else (h5, json, ini, dat, xml…) is ignored.
+A DICOM file whose SOP Instance UID an earlier file already has (a copied export) is the same
+instance, not a new part of the series: it becomes its own source with `duplicate_of` set, which
+the batch runner records as a failure row naming both files, so every input file is accounted for.
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ class SlideSource:
     path: Path  # what `open_slide` receives
     files: tuple[Path, ...]  # all files whose content makes up the slide (for fingerprints)
     fingerprint: str | None = None  # content fingerprint, once the batch runner has computed it
+    duplicate_of: Path | None = None  # an earlier DICOM file holding the same instance (SOP Instance UID)
 
 
-def _dicom_series_uid(path: Path) -> str | None:
+def _dicom_uids(path: Path) -> tuple[str | None, str | None]:
+    """(SeriesInstanceUID, SOPInstanceUID) of a DICOM file; None for what its header lacks."""
     try:
         import pydicom
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        return str(ds.get("SeriesInstanceUID", "")) or None
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+        return str(ds.get("SeriesInstanceUID", "")) or None, str(ds.get("SOPInstanceUID", "")) or None
     except Exception:  # noqa: BLE001 - any unreadable header just means "no series"; the slide opener reports it
-        return None
+        return None, None
 
 
 def _vms_members(vms: Path) -> set[Path]:
@@ -91,13 +96,20 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSourc
 
     singles: list[tuple[Path, tuple[Path, ...]]] = []
     series: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+    instances: dict[str, Path] = {}  # SOP Instance UID -> the first file holding it
+    duplicates: list[tuple[Path, Path]] = []
     for f in files:
         if f in excluded:
             continue
         suffix = f.suffix.lower()
         if suffix in _DICOM_SUFFIXES and is_dicom_file(f):
-            uid = _dicom_series_uid(f) or f.name
-            series[(f.parent, uid)].append(f)
+            series_uid, instance_uid = _dicom_uids(f)
+            if instance_uid is not None and instance_uid in instances:
+                duplicates.append((f, instances[instance_uid]))
+                continue
+            if instance_uid is not None:
+                instances[instance_uid] = f
+            series[(f.parent, series_uid or f.name)].append(f)
         elif suffix in SLIDE_SUFFIXES or suffix in PLAIN_IMAGE_SUFFIXES:
             parts: tuple[Path, ...] = (f,)
             if suffix == ".mrxs" and f.with_suffix("").is_dir():
@@ -106,7 +118,8 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSourc
                 parts = (f, *sorted(p for p in _vms_members(f) if p.exists()))
             singles.append((f, parts))
 
-    found: list[tuple[Path, str, tuple[Path, ...]]] = [(f, f.stem, parts) for f, parts in singles]
+    found: list[tuple[Path, str, tuple[Path, ...], Path | None]] = [(f, f.stem, parts, None) for f, parts in singles]
+    found += [(f, f.stem, (f,), original) for f, original in duplicates]
     per_folder: dict[Path, int] = defaultdict(int)
     for folder, _uid in series:
         per_folder[folder] += 1
@@ -114,19 +127,19 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSourc
         members = sorted(members)
         # A folder with one series is named after the folder, as people name DICOM slides.
         name = folder.name if per_folder[folder] == 1 else members[0].stem
-        found.append((members[0], name, tuple(members)))
+        found.append((members[0], name, tuple(members), None))
     found.sort(key=lambda t: str(t[0]))
     return _unique_ids(found)
 
 
-def _unique_ids(found: list[tuple[Path, str, tuple[Path, ...]]]) -> list[SlideSource]:
+def _unique_ids(found: list[tuple[Path, str, tuple[Path, ...], Path | None]]) -> list[SlideSource]:
     """Use the stem as id; where two slides share one, add parent folder names until they differ."""
     counts: dict[str, int] = defaultdict(int)
-    for _, name, _ in found:
+    for _, name, _, _ in found:
         counts[name] += 1
     sources = []
     used: set[str] = set()
-    for path, name, parts in found:
+    for path, name, parts, duplicate_of in found:
         slide_id = name
         if counts[name] > 1:
             parents = [p.name for p in path.parents if p.name][: 4]
@@ -140,5 +153,5 @@ def _unique_ids(found: list[tuple[Path, str, tuple[Path, ...]]]) -> list[SlideSo
             n += 1
             slide_id = f"{base}_{n}"
         used.add(slide_id)
-        sources.append(SlideSource(slide_id=slide_id, path=path, files=parts))
+        sources.append(SlideSource(slide_id=slide_id, path=path, files=parts, duplicate_of=duplicate_of))
     return sources

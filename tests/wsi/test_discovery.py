@@ -43,3 +43,21 @@ def test_vms_parts_sidecars_and_duplicate_names(tmp_path):
     assert sorted(s.slide_id for s in sources) == ["a__case", "b__case", "scan"]
     scan = next(s for s in sources if s.slide_id == "scan")
     assert sorted(f.name for f in scan.files) == ["scan.jpg", "scan.vms", "scan_map.jpg"]
+
+
+def test_a_copied_dicom_instance_is_a_duplicate_not_a_third_series_member(tmp_path):
+    series = tmp_path / "case"
+    shutil.copytree(SLIDES / "dicom" / "boxes", series)
+    shutil.copy(series / "boxes_0.dcm", series / "boxes_0_copy.dcm")  # same SOP Instance UID
+    export = tmp_path / "export2"
+    shutil.copytree(SLIDES / "dicom" / "boxes", export)  # the whole series exported twice
+    sources = {s.slide_id: s for s in discover_slides([tmp_path])}
+    # the first file in path order holds an instance; later files with its SOP Instance UID are duplicates
+    assert sorted(sources) == ["boxes_0", "boxes_0_copy", "boxes_1", "case"]
+    case = sources["case"]
+    assert [f.name for f in case.files] == ["boxes_0.dcm", "boxes_1.dcm"] and case.duplicate_of is None
+    assert sources["boxes_0_copy"].duplicate_of == (series / "boxes_0.dcm").resolve()
+    assert sources["boxes_0"].duplicate_of == (series / "boxes_0.dcm").resolve()
+    assert sources["boxes_1"].duplicate_of == (series / "boxes_1.dcm").resolve()
+    accounted = {f for s in sources.values() for f in s.files}
+    assert accounted == {p.resolve() for p in tmp_path.rglob("*.dcm")}  # every input file, once
