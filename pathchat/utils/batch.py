@@ -449,7 +449,7 @@ class BatchRunner:
     # -- bookkeeping ----------------------------------------------------------------------------
     def _record(self, source: SlideSource, state: str, fingerprint: str, **extra: Any) -> None:
         row = {"time": _now(), "verb": self.verb, "slide_id": source.slide_id, "path": str(source.path),
-               "state": state, "fingerprint": fingerprint, "params_key": self.key, "rank": self.dist.rank, **extra}
+               "files": [str(f) for f in source.files], "state": state, "fingerprint": fingerprint, "params_key": self.key, "rank": self.dist.rank, **extra}
         append_jsonl(self.manifest_path, row)
 
     @contextlib.contextmanager
@@ -477,8 +477,8 @@ class BatchRunner:
     def _fail(self, run: _RunState, source: SlideSource, fingerprint: str, error_type: str, message: str,
               **extra: Any) -> None:
         self._record(source, "failed", fingerprint, error={"type": error_type, "message": message}, **extra)
-        row = {"slide_id": source.slide_id, "path": str(source.path), "verb": self.verb,
-               "error_type": error_type, "message": message, "time": _now()}
+        row = {"slide_id": source.slide_id, "path": str(source.path), "files": [str(f) for f in source.files],
+               "verb": self.verb, "error_type": error_type, "message": message, "time": _now()}
         with self._failures_locked() as failures:
             failures[source.slide_id] = row
         run.summary.failures.append(row)
@@ -567,6 +567,12 @@ class BatchRunner:
             fingerprint = fingerprint_slide(source)
         except OSError as e:
             self._fail(run, source, "", "unreadable_file", f"{source.path}: cannot read: {e}")
+            return None
+        duplicate_of = getattr(source, "duplicate_of", None)
+        if duplicate_of is not None:  # a copied DICOM instance: accounted for, never merged or redone
+            self._fail(run, source, fingerprint, "duplicate_instance",
+                       f"{source.path}: the same DICOM instance (SOP Instance UID) as {duplicate_of}; "
+                       "not merged into that slide")
             return None
         row = self._last_complete(source.slide_id)
         if self._is_complete(row, fingerprint):

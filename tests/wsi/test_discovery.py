@@ -61,3 +61,23 @@ def test_a_copied_dicom_instance_is_a_duplicate_not_a_third_series_member(tmp_pa
     assert sources["boxes_1"].duplicate_of == (series / "boxes_1.dcm").resolve()
     accounted = {f for s in sources.values() for f in s.files}
     assert accounted == {p.resolve() for p in tmp_path.rglob("*.dcm")}  # every input file, once
+
+
+def test_batch_rows_name_every_member_file_and_duplicates_fail_alone(tmp_path):
+    from pathchat.utils.atomic import read_jsonl
+    from pathchat.wsi.tile_job import tile_slides
+
+    series = tmp_path / "slides" / "case"
+    shutil.copytree(SLIDES / "dicom" / "boxes", series)
+    shutil.copy(series / "boxes_1.dcm", series / "boxes_1_copy.dcm")
+    summary = tile_slides([tmp_path / "slides"], tmp_path / "job", progress=False)
+    assert (summary.done, summary.failed, summary.exit_code) == (1, 1, 2)
+    failure, = read_jsonl(tmp_path / "job" / "failures.jsonl")
+    assert failure["error_type"] == "duplicate_instance" and failure["slide_id"] == "boxes_1_copy"
+    assert failure["files"] == [str((series / "boxes_1_copy.dcm").resolve())]
+    assert str((series / "boxes_1.dcm").resolve()) in failure["message"]
+    done = [r for r in read_jsonl(tmp_path / "job" / "manifest.jsonl") if r["state"] == "done"]
+    assert [r["slide_id"] for r in done] == ["case"]
+    assert done[0]["files"] == [str((series / n).resolve()) for n in ("boxes_0.dcm", "boxes_1.dcm")]
+    named = {f for r in read_jsonl(tmp_path / "job" / "manifest.jsonl") for f in r["files"]}
+    assert named == {str(p.resolve()) for p in series.iterdir()}  # every input file is accounted for
