@@ -449,7 +449,8 @@ class BatchRunner:
     # -- bookkeeping ----------------------------------------------------------------------------
     def _record(self, source: SlideSource, state: str, fingerprint: str, **extra: Any) -> None:
         row = {"time": _now(), "verb": self.verb, "slide_id": source.slide_id, "path": str(source.path),
-               "files": [str(f) for f in source.files], "state": state, "fingerprint": fingerprint, "params_key": self.key, "rank": self.dist.rank, **extra}
+               "files": [str(f) for f in source.files], "state": state, "fingerprint": fingerprint,
+               "params_key": self.key, "rank": self.dist.rank, **extra}
         append_jsonl(self.manifest_path, row)
 
     @contextlib.contextmanager
