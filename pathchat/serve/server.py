@@ -1,0 +1,68 @@
+"""`serve()`: check the settings, load the model, find or write the slides, and run the app with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pathchat.serve.settings import ServeSettings
+
+__all__ = ["serve", "ensure_demo_slides", "load_pipeline"]
+
+log = logging.getLogger(__name__)
+
+#: Demo slides written on first start when no --slides folder is given (seed, regions).
+DEMO_SLIDES = (("demo-tumour-stroma", 11), ("demo-lymphoid", 12), ("demo-mixed", 13))
+
+
+def ensure_demo_slides(folder: Path, size_px: tuple[int, int] = (4096, 3072)) -> Path:
+    """Write the demo slides once (seeded synthetic H&E-like TIFFs with known regions); returns the folder."""
+    from pathchat.wsi.synthetic import random_slide_spec, write_synthetic_slide
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, seed in DEMO_SLIDES:
+        path = folder / f"{name}.tiff"
+        if not path.exists():
+            spec = random_slide_spec(seed, width_px=size_px[0], height_px=size_px[1], n_regions=(2, 4),
+                                     label_text="PATHCHAT DEMO")
+            write_synthetic_slide(path, spec)
+    return folder
+
+
+def load_pipeline(settings: ServeSettings) -> Any:
+    """The inference pipeline for `settings.model` (None: the built-in model), features cached in the data folder."""
+    from pathchat.inference import Pipeline
+
+    return Pipeline.from_pretrained(settings.model, device=settings.device)
+
+
+def serve(settings: ServeSettings, pipeline: Any = None) -> int:
+    """Serve the PathChat page until interrupted; returns the exit code.
+
+    Raises:
+        ServeSettingsError: unsafe or impossible settings (non-loopback without auth, share without auth, ...).
+    """
+    settings.check()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Gradio's uploads and cache go to the app's own data folder; no usage analytics leave the machine.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(settings.gradio_dir))
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import uvicorn
+
+    from pathchat.serve.app import build_app
+
+    slides_dir = Path(settings.slides) if settings.slides else ensure_demo_slides(settings.demo_slides_dir)
+    if pipeline is None:
+        print("loading the model ...", flush=True)
+        pipeline = load_pipeline(settings)
+    app = build_app(settings, pipeline, slides_dir)
+    url = f"http://{settings.host}:{settings.port}/"
+    if settings.share:
+        from gradio.networking import setup_tunnel  # needs the network; refused without auth by check()
+
+        url = setup_tunnel(settings.host, settings.port, os.urandom(16).hex(), None, None)
+    print(f"PathChat on {url} (slides: {slides_dir}; data: {settings.data_dir}). For Research Use Only.", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0
