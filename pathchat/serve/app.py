@@ -192,8 +192,7 @@ def build_app(settings: ServeSettings, pipeline: ChatPipeline, slides_dir: Path)
             return None, str(e)
         except ImportError:
             return None, "The report writer is not installed in this version."
-        files = [str(p) for k, p in paths.items() if k in ("markdown", "md", "json", "heatmap", "geojson")
-                 or p.suffix in (".md", ".json", ".png")]
+        files = [str(paths[k]) for k in ("markdown", "json", "heatmap", "evidence") if k in paths]
         return files, f"Report written ({len(files)} files)."
 
     def refresh_slides() -> Any:

@@ -168,6 +168,9 @@ class ChatService:
     def write_report(self, conv: Conversation | None) -> dict[str, Path]:
         """The open slide's report (the code of `pathchat report`) in a fresh folder under `reports_dir`.
 
+        Returns:
+            {"json", "markdown", "heatmap", "evidence"}: the written files.
+
         Raises:
             ValueError: no slide is open.
         """
@@ -182,7 +185,7 @@ class ChatService:
         if not self._slots.acquire(timeout=self.busy_wait_s):
             raise TimeoutError(BUSY_ANSWER)
         try:
-            paths = write_report(self.pipeline, conv.prepared, out)
+            result = write_report(self.pipeline, conv.prepared, out)
         finally:
             self._slots.release()
-        return {k: Path(v) for k, v in paths.items() if v is not None}
+        return {k: Path(v) for k, v in result["paths"].items()}

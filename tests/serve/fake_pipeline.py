@@ -14,22 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-
-@dataclass
-class FakeBag:
-    features: np.ndarray
-    coords: np.ndarray
-    patch_size_level0: int = 256
-
-    def __len__(self) -> int:
-        return len(self.features)
+from pathchat.features.store import FeatureBag
 
 
 @dataclass
 class FakeSlide:
     slide_id: str
     path: Path
-    bag: FakeBag
+    bag: FeatureBag
     no_tissue: bool = False
 
 
@@ -66,8 +58,17 @@ class FakeSession:
         return r / r.sum()
 
 
+class FakeRecipe:
+    def to_dict(self) -> dict:
+        return {"encoder": "fake", "tile_px": 256}
+
+    def describe(self) -> str:
+        return "fake features (256-px tiles)"
+
+
 class FakePipeline:
     model_id = "fake"
+    recipe = FakeRecipe()
 
     def __init__(self, delay_s: float = 0.01):
         self.delay_s = delay_s
@@ -86,8 +87,21 @@ class FakePipeline:
             if progress:
                 progress("features", i + 1, 3)
         self.prepared += 1
-        return FakeSlide(Path(path).stem, Path(path), FakeBag(np.zeros((len(coords), 4), np.float32), coords),
-                         no_tissue=len(coords) == 0)
+        bag = FeatureBag(features=np.zeros((len(coords), 4), np.float32), coords=coords, slide_id=Path(path).stem,
+                         encoder="fake", mpp=0.5, patch_size_level0=256, magnification=20.0, source_format="pathchat",
+                         attrs={"level0_width": w, "level0_height": h, "patch_size": 256, "overlap": 0})
+        return FakeSlide(Path(path).stem, Path(path), bag, no_tissue=len(coords) == 0)
 
     def session(self, slide: FakeSlide, region=None) -> FakeSession:
         return FakeSession(self, slide, region)
+
+
+    def answer_batch(self, items, max_new_tokens: int = 64):
+        """Greedy batch answers as `Pipeline.answer_batch` gives them (the report path)."""
+        out = []
+        for slide, question in items:
+            with self.lock:
+                self.model_calls += 1
+            n = len(slide.bag)
+            out.append((f"Report answer to: {question}", np.full(n, 1.0 / max(n, 1))))
+        return out
