@@ -66,3 +66,31 @@ def serve(settings: ServeSettings, pipeline: Any = None) -> int:
     print(f"PathChat on {url} (slides: {slides_dir}; data: {settings.data_dir}). For Research Use Only.", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
+
+
+def serve_cli(model: str | None = None, slides: str | None = None, host: str = "127.0.0.1", port: int = 7860,
+              auth_file: str | None = None, share: bool = False, data_dir: str | None = None,
+              concurrency: int = 2, max_upload_mb: int = 2048, device: str = "cpu") -> int:
+    """Serve the web UI: a slide viewer with a streamed chat about the open slide, evidence and reports.
+
+    With no arguments: the built-in model over demo slides written on first start, on
+    http://127.0.0.1:7860/. For Research Use Only.
+
+    Args:
+        model: checkpoint folder (default: the built-in model).
+        slides: server-side slide folder (default: demo slides in the data folder).
+        host: address to listen on; anything but loopback needs --auth-file.
+        port: TCP port.
+        auth_file: file of `user:password` lines; every route then needs HTTP Basic auth (default: $PATHCHAT_AUTH_FILE).
+        share: open a public share link through Gradio's tunnel (needs --auth-file).
+        data_dir: uploads, reports and caches (default: $PATHCHAT_SERVE_DATA or ~/.local/share/pathchat/serve).
+        concurrency: answers computed at once; later questions wait, then get a busy message.
+        max_upload_mb: upload size limit in MiB (0 disables uploads).
+        device: torch device of the model (cpu, cuda, cuda:1 ...).
+    """
+    from pathchat.serve.settings import default_data_dir
+
+    settings = ServeSettings(model=model, slides=slides, host=host, port=port, auth_file=auth_file, share=share,
+                             data_dir=Path(data_dir) if data_dir else default_data_dir(), concurrency=concurrency,
+                             max_upload_mb=max_upload_mb, device=device)
+    return serve(settings)
