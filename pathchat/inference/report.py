@@ -33,13 +33,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+# Imported here (torch with it) so the batch runner's fork server preloads it once for every worker.
+import pathchat.features.extract  # noqa: F401
 from pathchat.inference.notices import RESEARCH_NOTICE
 from pathchat.inference.report_outputs import evidence_geojson, evidence_tiles, heatmap_png, report_markdown
 from pathchat.inference.report_prompts import PromptSet, ReportSection, load_prompt_set
@@ -397,7 +399,12 @@ def setup_report_worker(params: dict[str, Any]) -> _WorkerState:
 
 def _features_for(source: Any, params: dict[str, Any], state: _WorkerState) -> Path:
     """The slide's features h5 in the cache: reused when made from this slide with the model's recipe,
-    else computed here (tiling first where needed), in this worker process."""
+    else computed here (tiling first where needed), in this worker process.
+
+    Raises:
+        FeatureRecipeError: the features cannot have the model's recipe (a slide scanned coarser than
+            the model's resolution is tiled at its native one), with both recipes named.
+    """
     from pathchat.features.extract import ExtractJobConfig, RuntimeOptions, extract_one, setup_worker
     from pathchat.features.store import features_path, read_feature_attrs
     from pathchat.inference.recipe import FeatureRecipe
@@ -421,6 +428,7 @@ def _features_for(source: Any, params: dict[str, Any], state: _WorkerState) -> P
 
         torch.set_num_threads(max(1, int(params["runtime"]["threads"])))
     extract_one(source, cache, {"config": cfg.to_dict()}, state.extractor)
+    recipe.check(FeatureRecipe.from_feature_attrs(read_feature_attrs(path)), f"{source.path} (features {path})")
     return path
 
 
@@ -512,6 +520,7 @@ def run_reports(slides: Sequence[str | os.PathLike[str]], out: str | os.PathLike
                 prompts: str | None = None, batch_size: int = 4, workers: int | None = None,
                 features: str | os.PathLike[str] | None = None, anonymise: bool = False, min_tiles: int = 1,
                 top_k: int = 10, timeout_s: float = 1800.0, progress: bool = True,
+                slide_mpp: float | None = None, default_slide_mpp: float | None = None,
                 generator: ReportGenerator | None = None, load_slide: Callable[[str], Any] | None = None,
                 worker_threads: int = 1) -> ReportRun:
     """The library form of `pathchat report` on a loaded pipeline (see `report` for the arguments).
@@ -535,13 +544,17 @@ def run_reports(slides: Sequence[str | os.PathLike[str]], out: str | os.PathLike
         _write_anonymisation_map(out_dir, sources, salt)
     cache = Path(features) if features is not None else _default_cache(pipe, out_dir)
     recipe = pipe.recipe
+    extract_cfg = recipe.to_extract_config()
+    extract_cfg = replace(extract_cfg, tile=replace(extract_cfg.tile, slide_mpp=slide_mpp,
+                                                    default_slide_mpp=default_slide_mpp))
     params = {"model": _model_info(pipe), "recipe": recipe.to_dict(), "recipe_info": _recipe_info(pipe),
-              "prompts": prompt_set.sha256, "min_tiles": min_tiles, "top_k": top_k, "salt": salt}
+              "prompts": prompt_set.sha256, "min_tiles": min_tiles, "top_k": top_k, "salt": salt,
+              "slide_mpp": slide_mpp, "default_slide_mpp": default_slide_mpp}
     gen = generator or PipelineGenerator(pipe, max_items=batch_size * len(prompt_set.sections))
     loader = load_slide or (lambda path: _load_prepared(pipe, path))
     with GenerationServer(loader, gen, batch_slides=batch_size) as server:
         runtime = {"server": server.endpoint(), "threads": worker_threads, "cache": str(cache),
-                   "extract": recipe.to_extract_config().to_dict(), "device": _extract_device(pipe),
+                   "extract": extract_cfg.to_dict(), "device": _extract_device(pipe),
                    "prompts_file": None if prompts is None else str(Path(prompts).resolve())}
         runner = BatchRunner(out_dir, "report", report_one, params, workers=workers or _default_workers(batch_size),
                              timeout_s=timeout_s, setup=setup_report_worker, slides_per_worker=None,
@@ -561,8 +574,9 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 
 def report(slides: list[str], out: str, model: str | None = None, prompts: str | None = None,
            batch_size: int = 4, workers: int | None = None, features: str | None = None,
-           anonymise: bool = False, min_tiles: int = 1, top_k: int = 10, device: str = "auto",
-           timeout: float = 1800.0, progress: bool = True) -> int:
+           anonymise: bool = False, min_tiles: int = 1, top_k: int = 10, slide_mpp: float | None = None,
+           default_slide_mpp: float | None = None, device: str = "auto", timeout: float = 1800.0,
+           progress: bool = True) -> int:
     """Write a structured report for every slide under SLIDES into OUT.
 
     For each slide: features from the feature cache (or tiling + extraction with the model's feature
@@ -590,6 +604,8 @@ def report(slides: list[str], out: str, model: str | None = None, prompts: str |
         anonymise: name the files by a salted hash of the slide id (map in OUT/anonymisation_map.json).
         min_tiles: fewer tissue tiles than this gives an "insufficient tissue" report.
         top_k: evidence tiles listed in the report and the GeoJSON.
+        slide_mpp: level-0 µm/px of every slide, overriding the files.
+        default_slide_mpp: level-0 µm/px for slides whose files record none.
         device: cpu, cuda, cuda:1 … (auto: cuda when available).
         timeout: seconds before a slide is killed and recorded as failed.
         progress: show a progress bar.
@@ -601,13 +617,15 @@ def report(slides: list[str], out: str, model: str | None = None, prompts: str |
     pipe = Pipeline.from_pretrained(model, device=device)
     result = run_reports(slides, out, pipe, prompts=prompts, batch_size=batch_size, workers=workers,
                          features=features, anonymise=anonymise, min_tiles=min_tiles, top_k=top_k,
-                         timeout_s=timeout, progress=progress)
+                         timeout_s=timeout, progress=progress, slide_mpp=slide_mpp,
+                         default_slide_mpp=default_slide_mpp)
     summary = result.summary
     for row in summary.failures:
         print(f"FAILED {row['slide_id']}: [{row['error_type']}] {row['message']}", file=sys.stderr)
     print(f"outputs: {result.out}")
-    print(f"model calls: {result.model_calls} (generation batches of "
-          f"{', '.join(map(str, result.batch_sizes)) or '-'} slides)")
+    sizes = result.batch_sizes
+    print(f"model calls: {result.model_calls} in {len(sizes)} generation rounds"
+          + (f" of {sum(sizes) / len(sizes):.1f} slides on average" if sizes else ""))
     print(summary.line())
     return int(summary.exit_code)
 
