@@ -10,7 +10,7 @@ slide is tiled first. Corrupt tiles are skipped and recorded (`failed_coords` in
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.features.encoders import LoadedEncoder, get_encoder_spec, load_encoder, load_weights_map
 from pathchat.features.encoders.spec import PRECISIONS
 from pathchat.features.store import FeatureBag, features_path, write_features_h5
+from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.wsi.coords import TileCoords, read_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
 from pathchat.wsi.errors import SlideError
 from pathchat.wsi.reader import TileDataset, TileFailure, tile_loader
-from pathchat.wsi.tile_job import TileJobConfig, output_paths, tile_one
+from pathchat.wsi.tile_job import TileJobConfig, find_coords_file, output_paths, tile_one
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ExtractJobConfig:
     encoder_identity: str = ""  # cheap identity of the weights (path, size, mtime), filled by `resolve`
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "tile": self.tile.to_dict()}  # the tile config's own resume-key form
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExtractJobConfig:
@@ -114,27 +114,35 @@ def setup_worker(params: dict[str, Any]) -> _WorkerState:
 
 def _coords_for(source: SlideSource, job_dir: Path, tile_cfg: TileJobConfig,
                 fingerprint: str) -> tuple[Path, TileCoords]:
-    """The slide's coordinates file and contents at these settings, tiling it first when missing or stale."""
-    path = output_paths(job_dir, source.slide_id, tile_cfg.tiling)["coords"]
+    """The slide's coordinates file and contents at these settings, tiling it first when missing or stale.
+
+    A coords file of an older job (`patches/<slide>.h5`) is used as it is when it matches.
+    """
+    found = find_coords_file(job_dir, source.slide_id, tile_cfg.tiling)
     key = params_key("tile", tile_cfg.to_dict())
-    if path.is_file():
-        tile_coords = read_coords_h5(path)
+    if found is not None:
+        tile_coords = read_coords_h5(found)
         if tile_coords.attrs.get("fingerprint") == fingerprint and tile_coords.attrs.get("tiling_key") == key:
-            return path, tile_coords
+            return found, tile_coords
     tile_one(source, job_dir, tile_cfg.to_dict())
+    path = output_paths(job_dir, source.slide_id, tile_cfg.tiling)["coords"]
     return path, read_coords_h5(path)
 
 
 def encode_slide(source: SlideSource, tile_coords: TileCoords, encoder: LoadedEncoder,
-                 runtime: RuntimeOptions) -> tuple[np.ndarray, np.ndarray, list[TileFailure]]:
+                 runtime: RuntimeOptions, on_tiles: Callable[[int, int], None] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, list[TileFailure]]:
     """Features of every readable tile listed in a coords file (as read by `read_coords_h5`).
+
+    `on_tiles(done, total)` is called after each batch (progress bars of interactive callers).
 
     Returns:
         (features float32 `[n, d]`, coords int64 `[n, 2]`, failed tiles).
     """
     attrs = tile_coords.attrs
+    # Files from before `edge_pixels` existed were read with white edges.
     dataset = TileDataset(source.path, tile_coords.l0_coords, int(attrs["read_level"]), int(attrs["read_px"]),
-                          int(attrs["patch_size"]))
+                          int(attrs["patch_size"]), edge_pixels=str(attrs.get("edge_pixels", "white")))
     features, coords, failed = [], [], []
     on_gpu = encoder.device.type == "cuda"
     # On a GPU, uint8 tiles travel (3x smaller than float) and are preprocessed there; on a CPU the
@@ -142,8 +150,12 @@ def encode_slide(source: SlideSource, tile_coords: TileCoords, encoder: LoadedEn
     transform = None if on_gpu or runtime.loader_workers == 0 else encoder.spec.preprocessing
     loader = tile_loader(dataset, batch_size=runtime.batch_size, workers=runtime.loader_workers,
                          pin_memory=on_gpu, transform=transform)
+    total, done = len(tile_coords.l0_coords), 0
     try:
         for batch in loader:
+            done += len(batch.tiles) + len(batch.failed)
+            if on_tiles is not None:
+                on_tiles(done, total)
             failed.extend(batch.failed)
             if len(batch.tiles):
                 if batch.inputs is not None:
@@ -161,17 +173,37 @@ def encode_slide(source: SlideSource, tile_coords: TileCoords, encoder: LoadedEn
 
 def extract_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: _WorkerState) -> dict[str, Any]:
     """Tile (if needed) and encode one slide at each requested magnification. Runs in a worker."""
-    cfg = ExtractJobConfig.from_dict(params["config"])
+    return extract_slide(source, job_dir, ExtractJobConfig.from_dict(params["config"]), state.encoder,
+                         state.runtime)
+
+
+def extract_slide(source: SlideSource, job_dir: Path, cfg: ExtractJobConfig, encoder: LoadedEncoder,
+                  runtime: RuntimeOptions, on_progress: Callable[[str, int, int], None] | None = None,
+                  ) -> dict[str, Any]:
+    """Tile (if needed) and encode one slide in this process; the batch worker and the inference
+    pipeline both call this, so a slide's features are the same whoever made them.
+
+    Args:
+        on_progress: `(stage, done, total)` with stage "tiling" (0 / 1, then 1 / 1) or "encoding"
+            (tiles done / tiles).
+    Returns:
+        {"outputs": [coords and features files], "info": {...}} as the batch runner records it.
+    """
     fingerprint = fingerprint_slide(source)
-    encoder = state.encoder
+    state = _WorkerState(encoder, runtime)
     outputs: list[str] = []
     info: dict[str, Any] = {"encoder": encoder.spec.name, "dim": encoder.spec.dim}
     magnifications = [None] + ([cfg.extra_magnification] if cfg.extra_magnification else [])
     for mag in magnifications:
         tiling = cfg.tile.tiling if mag is None else replace(cfg.tile.tiling, magnification=mag, mpp=None)
         tile_cfg = replace(cfg.tile, tiling=tiling)
+        if on_progress is not None:
+            on_progress("tiling", 0, 1)
         coords_file, tile_coords = _coords_for(source, job_dir, tile_cfg, fingerprint)
-        feats, xy, failed = encode_slide(source, tile_coords, encoder, state.runtime)
+        if on_progress is not None:
+            on_progress("tiling", 1, 1)
+        encode_progress = None if on_progress is None else (lambda d, t: on_progress("encoding", d, t))
+        feats, xy, failed = encode_slide(source, tile_coords, encoder, state.runtime, encode_progress)
         tile_attrs = tile_coords.attrs
         bag = FeatureBag(
             features=feats, coords=xy, slide_id=source.slide_id, encoder=encoder.spec.name,

@@ -7,3 +7,5 @@ NO_TISSUE_ANSWER = ("No tissue found: tissue detection kept no tiles on this sli
                     "to describe. Check the slide (blank, out of focus, or not brightfield) or the tissue "
                     "settings.")
 INSUFFICIENT_TISSUE_ANSWER = NO_TISSUE_ANSWER
+NO_TILES_IN_REGION_ANSWER = ("No tissue tiles lie inside this region (a tile counts when its centre is inside). "
+                             "Draw a larger region over tissue.")

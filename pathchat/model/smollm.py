@@ -51,9 +51,9 @@ def smollm2_gguf_path() -> Path:
 
 def default_cache_dir() -> Path:
     """``$PATHCHAT_CACHE/smollm2-135m-instruct``, else ``~/.cache/pathchat/smollm2-135m-instruct``."""
-    root = os.environ.get("PATHCHAT_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "pathchat"
-    return base / "smollm2-135m-instruct"
+    from pathchat.utils.cache import cache_dir
+
+    return cache_dir("smollm2-135m-instruct")
 
 
 def _source_stamp(gguf: Path) -> dict[str, Any]:
