@@ -192,12 +192,22 @@ def load_slidebench(path: str | os.PathLike[str]) -> TaskData:
     return TaskData("slidebench", str(p), questions, {})
 
 
+_SLIDEBENCH_COLUMNS = ("Slide", "Broad Category", "Narrow Category", "Question", "A", "B", "Answer")
+
+
 def _slidebench_csv(p: Path) -> TaskData:
     try:
         with p.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except FileNotFoundError as e:
         raise TaskFormatError(p, "no such file") from e
+    except UnicodeDecodeError as e:
+        raise TaskFormatError(p, f"not a UTF-8 text CSV ({e})") from e
+    columns = set(rows[0]) if rows else set()
+    lacking = [c for c in _SLIDEBENCH_COLUMNS if c not in columns]
+    if lacking:
+        raise TaskFormatError(p, f"a SlideBench CSV needs the columns {', '.join(_SLIDEBENCH_COLUMNS)}; "
+                                 f"it lacks {', '.join(lacking)} (has {', '.join(sorted(columns)) or 'no rows'})")
     questions = []
     for i, row in enumerate(rows):
         where = f"row {i}"

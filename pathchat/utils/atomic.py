@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -53,29 +56,40 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
-    """Append one JSON line with a single write and fsync (readers skip a torn last line)."""
-    line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def append_jsonl(path: str | os.PathLike[str], rows: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+    """Append JSON lines (one row or a batch) with a single write and an fsync.
+
+    A writer killed mid-append leaves a torn last line; the next append starts on a new line so the
+    torn fragment stays alone on its line (readers skip it) instead of swallowing the new row.
+    """
+    batch = [rows] if isinstance(rows, dict) else list(rows)
+    if not batch:
+        return
+    data = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in batch).encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; lines that do not parse (a torn write) are skipped."""
+    """Rows of an append-only JSONL file; a line that does not parse (a torn write) is skipped with a warning."""
     rows: list[dict[str, Any]] = []
     p = Path(path)
     if not p.exists():
         return rows
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+    for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            log.warning("%s: line %d is not a JSON row (a torn write?); skipped", p, n)
             continue
         if isinstance(row, dict):
             rows.append(row)

@@ -162,7 +162,7 @@ def _boot_id() -> str:
 
 
 def process_start_time(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (Linux), or None when unknown or gone.
+    """A running process's start time in clock ticks since boot (Linux); None when unknown, gone or a zombie.
 
     With the host and the boot id it names a process for good: a reused pid has another start time.
     """
@@ -171,9 +171,17 @@ def process_start_time(pid: int) -> int | None:
     except OSError:
         return None
     try:  # the command name (field 2) may hold spaces and parentheses: split after its closing ')'
-        return int(stat[stat.rindex(")") + 2:].split()[19])
+        fields = stat[stat.rindex(")") + 2:].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (ValueError, IndexError):
         return None
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child its parent has not reaped yet still answers kill(pid, 0))."""
+    if not pid_alive(pid):
+        return False
+    return process_start_time(pid) is not None or not Path("/proc").is_dir()
 
 
 class SlideLocks:
@@ -206,10 +214,10 @@ class SlideLocks:
             pid = int(owner.get("pid", -1))
         except (TypeError, ValueError):
             return True
-        if pid <= 0 or not pid_alive(pid):
+        if pid <= 0 or not _running(pid):
             return True
         recorded = owner.get("start_time")
-        return recorded is not None and process_start_time(pid) not in (None, recorded)
+        return recorded is not None and process_start_time(pid) != recorded
 
     def holder(self, slide_id: str) -> dict[str, Any] | None:
         """The live owner recorded in a slide's lock, or None when it is free or stale."""

@@ -16,11 +16,11 @@ import pytest
 import torch
 from shared_data import CMU, SLIDES, ZEROED
 
-from pathchat.utils.batch import fingerprint_slide
 from pathchat.cli import main
 from pathchat.features.encoders import load_encoder
 from pathchat.features.store import read_features_h5
 from pathchat.utils.atomic import read_jsonl
+from pathchat.utils.batch import fingerprint_slide
 from pathchat.wsi.coords import read_coords_h5
 from pathchat.wsi.discovery import discover_slides
 from pathchat.wsi.slide import open_slide
@@ -41,19 +41,19 @@ def test_extract_real_slides_writes_features_for_every_readable_one(tmp_path, ca
     code = main(["extract", str(SLIDES), "--out", str(job), "--encoder", ENCODER, "--no-progress",
                  "--workers", "0"])
     out = capsys.readouterr().out
-    assert code == 2 and "done 6 / skipped 0 / failed 7" in out
+    assert code == 2 and "done 6 / no_tissue 0 / skipped 0 / failed 7" in out
     assert len(read_jsonl(job / "failures.jsonl")) == 7
     encoder = load_encoder(ENCODER)
     for slide_id, n in READABLE.items():
         bag = _features(job, slide_id)
-        coords = read_coords_h5(job / FOLDER / "patches" / f"{slide_id}.h5").l0_coords
+        coords = read_coords_h5(job / FOLDER / "patches" / f"{slide_id}_patches.h5").l0_coords
         assert bag.features.shape == (n, encoder.spec.dim) and bag.features.dtype == np.float32
         np.testing.assert_array_equal(bag.coords, coords)  # shapes match the coordinates, same order
         assert np.isfinite(bag.features).all()
     # the values are the encoder's output on exactly those tiles
     bag = _features(job, "CMU-1-Small-Region")
     with open_slide(CMU) as s:
-        tiles = np.stack([s.read_region((int(x), int(y)), 0, (256, 256)) for x, y in bag.coords[:4]])
+        tiles = np.stack([s.read_region((int(x), int(y)), 0, (256, 256), "black") for x, y in bag.coords[:4]])
     expected = encoder.encode(torch.from_numpy(tiles)).numpy()
     np.testing.assert_allclose(bag.features[:4], expected, rtol=1e-4, atol=1e-5)
     assert bag.attrs["encoder_fingerprint"] == encoder.fingerprint
@@ -64,7 +64,7 @@ def test_extract_real_slides_writes_features_for_every_readable_one(tmp_path, ca
     np.testing.assert_array_equal(_features(job2, "CMU-1-Small-Region").features, bag.features)
     capsys.readouterr()
     assert main(["extract", str(SLIDES), "--out", str(job), "--encoder", ENCODER, "--no-progress"]) == 2
-    assert "done 0 / skipped 6 / failed 7" in capsys.readouterr().out
+    assert "done 0 / no_tissue 0 / skipped 6 / failed 7" in capsys.readouterr().out
 
 
 def test_corrupt_tiles_are_recorded_and_skipped(tmp_path):
@@ -76,7 +76,7 @@ def test_corrupt_tiles_are_recorded_and_skipped(tmp_path):
     shutil.copy(ZEROED, tmp_path / "bad" / "case.svs")
     job = tmp_path / "job"
     assert main(["tile", str(tmp_path / "good" / "case.svs"), "--out", str(job), "--no-progress"]) == 0
-    coords_file = job / FOLDER / "patches" / "case.h5"
+    coords_file = job / FOLDER / "patches" / "case_patches.h5"
     with h5py.File(coords_file, "r+") as f:
         f["coords"].attrs["fingerprint"] = fingerprint_slide(discover_slides([tmp_path / "bad"])[0])
     assert main(["extract", str(tmp_path / "bad" / "case.svs"), "--out", str(job), "--encoder", ENCODER,
@@ -136,22 +136,26 @@ def test_two_processes_share_one_job_and_do_each_slide_once(tmp_path):
     assert not list((job / ".locks").rglob("*.lock"))  # every lock released
 
 
-def test_stale_locks_are_taken_over_and_live_ones_respected(tmp_path):
+def test_stale_locks_are_taken_over_dead_and_reused_pids_alike(tmp_path):
     _synthetic_slides(tmp_path / "slides", 2)
     job = tmp_path / "job"
-    from pathchat.utils.batch import params_key
     from pathchat.features.extract import ExtractJobConfig, extract_slides, resolve
+    from pathchat.utils.batch import params_key, process_start_time
 
     cfg = resolve(ExtractJobConfig(encoder=ENCODER))
     lock_dir = job / ".locks" / f"extract-{params_key('extract', {'config': cfg.to_dict()})}"
     lock_dir.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (lock_dir / "s0.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout)}))
-    (lock_dir / "s1.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    host = os.uname().nodename
+    (lock_dir / "s0.lock").write_text(json.dumps({"host": host, "pid": int(dead.stdout)}))
+    # a pid that is alive but belongs to another process than the one that took the lock (a reused pid
+    # after a container restart): its start time tells them apart
+    reused = {"host": host, "pid": os.getpid(), "start_time": process_start_time(os.getpid()) - 1000}
+    (lock_dir / "s1.lock").write_text(json.dumps(reused))
     summary = extract_slides([tmp_path / "slides"], job, cfg, progress=False)
-    assert (summary.done, summary.skipped) == (1, 1)  # s0's dead owner is replaced; s1's live owner kept
-    assert (job / FOLDER / f"features_{ENCODER}" / "s0.h5").is_file()
-    assert not (job / FOLDER / f"features_{ENCODER}" / "s1.h5").exists()
+    assert (summary.done, summary.skipped, summary.failed) == (2, 0, 0)
+    for slide in ("s0", "s1"):
+        assert (job / FOLDER / f"features_{ENCODER}" / f"{slide}.h5").is_file()
 
 
 def test_second_magnification_is_stored_beside_the_first(tmp_path):

@@ -18,9 +18,9 @@ import pytest
 from batch_fns import misbehave
 from shared_data import SLIDES, TCGA
 
-from pathchat.utils.batch import BatchRunner
 from pathchat.cli import main
 from pathchat.utils.atomic import read_jsonl, sha256_file
+from pathchat.utils.batch import BatchRunner
 from pathchat.wsi.coords import read_coords_h5
 from pathchat.wsi.discovery import discover_slides
 from pathchat.wsi.grid import TilingParams
@@ -59,7 +59,7 @@ def test_cli_tiles_every_readable_slide_and_reports_every_bad_one(tmp_path, caps
     code = main(["tile", str(SLIDES), "--out", str(job), "--no-progress"])
     out = capsys.readouterr()
     assert code == 2
-    assert "done 6 / skipped 0 / failed 7" in out.out
+    assert "done 6 / no_tissue 0 / skipped 0 / failed 7" in out.out
     failures = read_jsonl(job / "failures.jsonl")
     assert sorted(r["slide_id"] for r in failures) == sorted(BAD)  # exactly one row each
     for row in failures:
@@ -67,12 +67,12 @@ def test_cli_tiles_every_readable_slide_and_reports_every_bad_one(tmp_path, caps
         assert row["path"] in row["message"]
         assert f"FAILED {row['slide_id']}" in out.err
     for slide_id, n in EXPECTED_TILES.items():
-        coords = read_coords_h5(job / FOLDER / "patches" / f"{slide_id}.h5")
+        coords = read_coords_h5(job / FOLDER / "patches" / f"{slide_id}_patches.h5")
         assert len(coords.l0_coords) == n, slide_id
         assert (job / FOLDER / "visualization" / f"{slide_id}.png").is_file()
         gj = json.loads((job / FOLDER / "contours_geojson" / f"{slide_id}.geojson").read_text())
         assert gj["type"] == "FeatureCollection"
-    attrs = read_coords_h5(job / FOLDER / "patches" / "CMU-1-Small-Region.h5").attrs
+    attrs = read_coords_h5(job / FOLDER / "patches" / "CMU-1-Small-Region_patches.h5").attrs
     assert attrs["patch_size"] == 256 and attrs["patch_size_level0"] == 256
     mask = cv2.imread(str(job / FOLDER / "tissue_masks" / "CMU-1-Small-Region.png"), cv2.IMREAD_GRAYSCALE)
     assert mask.shape[0] * attrs["mask_downsample"] == pytest.approx(2967, abs=2)
@@ -83,7 +83,7 @@ def test_cli_tiles_every_readable_slide_and_reports_every_bad_one(tmp_path, caps
 
     # the rerun skips what is done and retries only the failures, still one row each
     assert main(["tile", str(SLIDES), "--out", str(job), "--no-progress"]) == 2
-    assert "done 0 / skipped 6 / failed 7" in capsys.readouterr().out
+    assert "done 0 / no_tissue 0 / skipped 6 / failed 7" in capsys.readouterr().out
     assert len(read_jsonl(job / "failures.jsonl")) == 7
 
 
@@ -93,7 +93,7 @@ def test_tcga_tiles_with_a_resolution_given_and_its_failure_row_clears(tmp_path)
     summary = tile_slides([TCGA], job, TileJobConfig(default_slide_mpp=0.5), progress=False)
     assert (summary.done, summary.failed) == (1, 0)
     assert read_jsonl(job / "failures.jsonl") == []
-    coords = read_coords_h5(job / FOLDER / "patches" / "tcga-cr-7395-01a-01-ts1.h5")
+    coords = read_coords_h5(job / FOLDER / "patches" / "tcga-cr-7395-01a-01-ts1_patches.h5")
     # 2.53 mm² of tissue / 0.0164 mm² per tile = 155 full tiles plus border tiles
     assert len(coords.l0_coords) == 170 and coords.attrs["mpp_source"] == "fallback"
 
@@ -101,7 +101,7 @@ def test_tcga_tiles_with_a_resolution_given_and_its_failure_row_clears(tmp_path)
 def test_a_fixed_tissue_threshold_replaces_otsu(tmp_path, capsys):
     cmu = SLIDES / "aperio" / "CMU-1-Small-Region.svs"
     assert main(["tile", str(cmu), "--out", str(tmp_path / "strict"), "--tissue-threshold", "120", "--no-progress"]) == 0
-    strict = read_coords_h5(tmp_path / "strict" / FOLDER / "patches" / "CMU-1-Small-Region.h5")
+    strict = read_coords_h5(tmp_path / "strict" / FOLDER / "patches" / "CMU-1-Small-Region_patches.h5")
     assert strict.attrs["tissue_threshold"] == 120
     assert len(strict.l0_coords) < EXPECTED_TILES["CMU-1-Small-Region"]  # only the darkest tissue is kept
 
@@ -128,7 +128,7 @@ def test_resume_checks_checksums_and_fingerprints_not_existence(tmp_path):
     job = tmp_path / "job"
     first = tile_slides([tmp_path / "slides"], job, progress=False)
     assert (first.done, first.skipped) == (3, 0)
-    coords_file = job / FOLDER / "patches" / "slide_01.h5"
+    coords_file = job / FOLDER / "patches" / "slide_01_patches.h5"
     before = read_coords_h5(coords_file).l0_coords
 
     assert tile_slides([tmp_path / "slides"], job, progress=False).skipped == 3
@@ -142,11 +142,11 @@ def test_resume_checks_checksums_and_fingerprints_not_existence(tmp_path):
     write_synthetic_slide(slides[2], spec)
     changed = tile_slides([tmp_path / "slides"], job, progress=False)
     assert (changed.done, changed.skipped) == (1, 2)
-    assert len(read_coords_h5(job / FOLDER / "patches" / "slide_02.h5").l0_coords) == 4
+    assert len(read_coords_h5(job / FOLDER / "patches" / "slide_02_patches.h5").l0_coords) == 4
     # other settings go to their own folder and do not count as done
     other = tile_slides([tmp_path / "slides"], job, TileJobConfig(tiling=TilingParams(magnification=10)),
                         progress=False)
-    assert other.done == 3 and (job / "10x_256px_0px_overlap" / "patches" / "slide_00.h5").is_file()
+    assert other.done == 3 and (job / "10x_256px_0px_overlap" / "patches" / "slide_00_patches.h5").is_file()
     states = [(r["slide_id"], r["state"]) for r in read_jsonl(job / "manifest.jsonl")]
     assert states.count(("slide_00", "done")) == 2 and states.count(("slide_00", "skipped")) == 3
 
@@ -190,7 +190,7 @@ def test_a_job_killed_at_any_moment_loses_and_duplicates_nothing(tmp_path):
         last[r["slide_id"]] = r
     assert sorted(last) == [f"slide_{i:02d}" for i in range(8)]
     assert {r["state"] for r in last.values()} <= {"done", "skipped"}
-    for kind, suffix in (("patches", ".h5"), ("visualization", ".png"), ("contours_geojson", ".geojson"),
+    for kind, suffix in (("patches", "_patches.h5"), ("visualization", ".png"), ("contours_geojson", ".geojson"),
                          ("tissue_masks", ".png")):
         names = sorted(p.name for p in (job / FOLDER / kind).iterdir())
         assert names == [f"slide_{i:02d}{suffix}" for i in range(8)]  # no temporaries, no duplicates
@@ -267,3 +267,42 @@ def test_a_worker_that_cannot_start_stops_the_job_with_a_tool_error(tmp_path):
     with pytest.raises(BatchSetupError, match="weights not found"):
         runner.run(discover_slides([folder]))
     assert read_jsonl(tmp_path / "job" / "failures.jsonl") == []  # not a slide failure
+
+
+def test_a_slide_another_live_process_holds_is_waited_for_never_skipped(tmp_path):
+    """The lock's owner is alive (the right start time): the runner waits, then takes the slide over
+    when the owner dies without finishing it; the slide is done, not counted as skipped."""
+    from pathchat.utils.batch import params_key, process_start_time
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a_ok", "b_ok"):
+        (folder / f"{name}.svs").write_bytes(name.encode())
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    lock_dir = tmp_path / "job" / ".locks" / f"test-{params_key('test', {})}"
+    lock_dir.mkdir(parents=True)
+    (lock_dir / "b_ok.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": owner.pid,
+                                                    "start_time": process_start_time(owner.pid)}))
+    start = time.monotonic()
+    runner = BatchRunner(tmp_path / "job", "test", misbehave, {}, timeout_s=30, progress=False)
+    summary = runner.run(discover_slides([folder]))
+    owner.wait()
+    assert (summary.done, summary.skipped, summary.failed) == (2, 0, 0)
+    assert time.monotonic() - start >= 2.0  # it waited for the live owner
+    assert sorted(p.name for p in (tmp_path / "job" / "out").iterdir()) == ["a_ok.txt", "b_ok.txt"]
+    assert summary.exit_code == 0
+
+
+def test_a_torn_manifest_line_never_swallows_the_next_row(tmp_path, caplog):
+    from pathchat.utils.atomic import append_jsonl
+
+    manifest = tmp_path / "manifest.jsonl"
+    append_jsonl(manifest, {"slide_id": "a", "state": "done"})
+    with open(manifest, "ab") as f:
+        f.write(b'{"slide_id": "b", "sta')  # a writer killed mid-append
+    append_jsonl(manifest, {"slide_id": "c", "state": "done"})
+    assert manifest.read_bytes().endswith(b'"sta\n{"slide_id": "c", "state": "done"}\n')
+    with caplog.at_level("WARNING"):
+        rows = read_jsonl(manifest)
+    assert [r["slide_id"] for r in rows] == ["a", "c"]
+    assert "line 2" in caplog.text and str(manifest) in caplog.text
