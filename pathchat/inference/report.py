@@ -116,7 +116,7 @@ class PipelineGenerator:
                 chunk = where[start:start + self.max_items]
                 items = [(jobs[i].slide, jobs[i].questions[q][0]) for i, q in chunk]
                 self.calls += 1
-                answers = self.pipe.answer_batch(items, max_new_tokens=budget)
+                answers = self.pipe.answer_batch(items, max_new_tokens=budget, batch_size=len(items))
                 for (i, q), (text, rel) in zip(chunk, answers, strict=True):
                     results[i][q] = (str(text), np.asarray(rel, dtype=np.float32).reshape(-1))
         return [[r for r in row if r is not None] for row in results]
@@ -148,6 +148,11 @@ def build_report(name: str, slide_files: list[str] | None, bag: Any, sections: S
                                "answer": "Insufficient tissue: not assessed.", "top_tiles": []} for s in sections]
     else:
         rels = [r for _, r in answers]
+        if any(len(r) != n for r in rels):  # a capped tile sample: its relevance is not over the bag's tiles
+            log.warning("%s: relevance covers %s of %d tiles; no evidence tiles listed", name,
+                        sorted({len(r) for r in rels}), n)
+            rels = [np.zeros(n, np.float32) for _ in rels]
+            answers = [(t, np.zeros(n, np.float32)) for t, _ in answers]
         relevance = np.mean(np.stack(rels), axis=0) if rels else np.zeros(n, np.float32)
         report.update(status="ok")
         report["sections"] = [{"name": s.name, "title": s.title, "question": s.question, "answer": text.strip(),
@@ -631,8 +636,8 @@ def report(slides: list[str], out: str, model: str | None = None, prompts: str |
 
 
 def _default_cache(pipe: Any, out_dir: Path) -> Path:
-    """The pipeline's feature cache (shared with `pathchat chat` and `extract`), else OUT/features."""
-    cache = getattr(pipe, "cache_dir", None)
+    """The pipeline's feature cache (shared with `pathchat chat`; a `pathchat extract` job), else OUT/features."""
+    cache = getattr(pipe, "feature_job", None)
     return Path(cache) if cache else out_dir / "features"
 
 

@@ -47,7 +47,8 @@ class StandInPipeline:
         self.recipe.check(FeatureRecipe.from_bag(bag), str(path))
         return PreparedStandIn(bag.slide_id, None, bag, len(bag) == 0)
 
-    def answer_batch(self, items: list[tuple[Any, str]], max_new_tokens: int = 64) -> list[tuple[str, np.ndarray]]:
+    def answer_batch(self, items: list[tuple[Any, str]], max_new_tokens: int = 64,
+                     batch_size: int = 8) -> list[tuple[str, np.ndarray]]:
         self.calls += 1
         self.items_seen.append(len(items))
         time.sleep(self.delay_s)

@@ -178,9 +178,9 @@ class _RecordingStandIn(StandInPipeline):
         super().__init__()
         self.questions: list[str] = []
 
-    def answer_batch(self, items, max_new_tokens=64):
+    def answer_batch(self, items, max_new_tokens=64, batch_size=8):
         self.questions += [q for _, q in items]
-        return super().answer_batch(items, max_new_tokens)
+        return super().answer_batch(items, max_new_tokens, batch_size)
 
 
 @pytest.mark.slow
