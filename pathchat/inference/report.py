@@ -617,9 +617,13 @@ def report(slides: list[str], out: str, model: str | None = None, prompts: str |
     Returns:
         0 when every slide has a report, 2 when some failed (1 is a usage or tool error, raised).
     """
+    import torch
+
     from pathchat.inference import Pipeline
 
-    pipe = Pipeline.from_pretrained(model, device=device)
+    if device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    pipe = Pipeline.from_pretrained(model, device=device, progress=progress)
     result = run_reports(slides, out, pipe, prompts=prompts, batch_size=batch_size, workers=workers,
                          features=features, anonymise=anonymise, min_tiles=min_tiles, top_k=top_k,
                          timeout_s=timeout, progress=progress, slide_mpp=slide_mpp,

@@ -75,3 +75,29 @@ def test_batched_reports_equal_one_at_a_time_and_write_report(checkpoint, slides
                                    atol=1e-4)
         assert sorted(p.name for p in single["paths"].values()) == sorted(
             f"case_{i}{s}" for s in (".json", ".md", ".heatmap.png", ".evidence.geojson"))
+
+
+@pytest.mark.slow
+def test_the_cli_reports_good_slides_fails_a_bad_file_and_exits_2(checkpoint, slides, tmp_path, capsys):
+    from shared_data import SLIDES
+
+    from pathchat.cli import main
+    from pathchat.utils.atomic import read_jsonl
+
+    prompts = tmp_path / "short.yaml"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "out"
+    args = ["report", str(slides / "case_0.svs"), str(SLIDES / "bad" / "broken.svs"), "--model", str(checkpoint),
+            "--out", str(out), "--prompts", str(prompts), "--features", str(tmp_path / "features"),
+            "--batch-size", "2", "--no-progress"]
+    assert main(args) == 2
+    printed = capsys.readouterr()
+    assert "FAILED broken: [unsupported_format]" in printed.err
+    assert "done 1 / no_tissue 0 / skipped 0 / failed 1" in printed.out
+    assert [r["slide_id"] for r in read_jsonl(out / "failures.jsonl")] == ["broken"]
+    assert json.loads((out / "case_0.json").read_text())["notice"] == RESEARCH_NOTICE
+    assert main(args) == 2  # the rerun: nothing to generate, the bad file still fails
+    printed = capsys.readouterr()
+    assert "model calls: 0" in printed.out and "done 0 / no_tissue 0 / skipped 1 / failed 1" in printed.out
+    assert main([*args[:-3], "--batch-size", "0", "--no-progress"]) == 1  # a usage error, named
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
