@@ -2,52 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import SLIDE_FRAME_CONNECTOR, build_tiny
+from inference_fixtures import ENCODER_DIM, RECIPE, save_tiny_checkpoint
 
 from pathchat.features.store import FeatureBag, read_features_h5, write_features_h5
-from pathchat.inference import NO_TISSUE_ANSWER, FeatureRecipe, FeatureRecipeError, Pipeline
+from pathchat.inference import NO_TISSUE_ANSWER, FeatureRecipeError, Pipeline
 from pathchat.inference.notices import NO_TILES_IN_REGION_ANSWER
 from pathchat.inference.pipeline import save_conversation, tiles_in_region
-from pathchat.wsi.synthetic import SyntheticSlideSpec, TissueRegion, write_synthetic_slide
-
-ENCODER_DIM = 64  # random-cnn-tiny
-RECIPE = FeatureRecipe(encoder="random-cnn-tiny", feature_dim=ENCODER_DIM, target_mpp=0.5, tile_px=256,
-                       overlap_px=0)
+from pathchat.wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 
-def _save_tiny(folder: Path, recipe: FeatureRecipe | None) -> Path:
-    model, tokenizer = build_tiny("qwen2", connector=SLIDE_FRAME_CONNECTOR, feature_dim=ENCODER_DIM)
-    if recipe is not None:
-        model.config.feature_recipe = recipe.to_dict()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("ckpt"), RECIPE)
-
-
-@pytest.fixture(scope="module")
-def slide_file(tmp_path_factory) -> Path:
-    regions = (TissueRegion("tumor", 0, 0, 1536, 2048), TissueRegion("stroma", 1536, 0, 1536, 2048))
-    spec = SyntheticSlideSpec(3072, 2048, mpp=0.5, regions=regions, seed=3)
-    return write_synthetic_slide(tmp_path_factory.mktemp("slides") / "two_halves.svs", spec)
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoint: Path, tmp_path_factory) -> Pipeline:
-    return Pipeline.from_pretrained(checkpoint, feature_job=tmp_path_factory.mktemp("features"), max_new_tokens=6)
-
-
-def test_prepare_tiles_encodes_once_then_reuses_the_cache(pipe: Pipeline, slide_file: Path):
+def test_prepare_tiles_encodes_once_then_reuses_the_cache(pipe: Pipeline, slide_file: Path, tmp_path: Path):
+    pipe = dataclasses.replace(pipe, feature_job=tmp_path / "cache")  # an empty feature cache
     stages: list[tuple[str, int, int]] = []
     slide = pipe.prepare(slide_file, progress=lambda s, d, t: stages.append((s, d, t)))
     assert slide.num_tiles == 96  # 12 x 8 tiles of 256 px, all tissue
@@ -155,13 +127,13 @@ def test_batch_answers_equal_session_answers(pipe: Pipeline, slide_file: Path):
 
 
 def test_old_checkpoint_needs_the_recipe_by_hand(tmp_path: Path):
-    old = _save_tiny(tmp_path / "old", None)
+    old = save_tiny_checkpoint(tmp_path / "old", None)
     with pytest.raises(FeatureRecipeError, match="records no feature recipe.*--encoder NAME --mag X --tile-size N"):
         Pipeline.from_pretrained(old, feature_job=tmp_path / "f")
     pipe = Pipeline.from_pretrained(old, feature_job=tmp_path / "f", encoder="random-cnn-tiny", magnification=20,
                                     tile_size=256)
     assert pipe.recipe.encoder == "random-cnn-tiny" and pipe.recipe.target_mpp == 0.5
-    new = _save_tiny(tmp_path / "new", RECIPE)
+    new = save_tiny_checkpoint(tmp_path / "new", RECIPE)
     with pytest.raises(FeatureRecipeError, match=r"trained on encoder=random-cnn-tiny .*tile=256px.*tile=512px"):
         Pipeline.from_pretrained(new, feature_job=tmp_path / "f", tile_size=512)
 
