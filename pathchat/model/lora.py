@@ -36,7 +36,9 @@ __all__ = [
     "load_language_model_4bit",
     "load_lora",
     "merge_lora",
+    "portable_base_name",
     "save_lora",
+    "save_portable_adapter",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -167,14 +169,59 @@ def save_lora(model: PathChatForConditionalGeneration, folder: str | os.PathLike
 
     Files: ``adapter_config.json``, ``adapter_model.safetensors``, ``connector.safetensors``,
     ``pathchat_manifest.json`` (plus peft's model card ``README.md``). The base language model is
-    not saved.
+    not saved, nor are its embeddings (see `save_portable_adapter`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _peft_lm(model).save_pretrained(str(folder), safe_serialization=True)
+    save_portable_adapter(_peft_lm(model), folder, getattr(model.config, "base_language_model", None))
     save_model(model.connector, str(folder / CONNECTOR_WEIGHTS_NAME))
     write_manifest(folder)
     return folder
+
+
+#: Hub ids of the base models PathChat names by a short source name.
+HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_base_name(source: str | None, language_model: nn.Module | None = None) -> str | None:
+    """How an adapter names its base model: a hub id, never a path on the machine that trained it.
+
+    ``smollm2`` becomes its hub id; a hub id stays; a local folder is replaced by the name its
+    config recorded when that is not a path either, else by the folder's own name.
+    """
+    if source is None:
+        return None
+    if source in HUB_IDS:
+        return HUB_IDS[source]
+    if not (os.path.isabs(source) or os.path.exists(source) or source.startswith(".")):
+        return source
+    recorded = str(getattr(getattr(language_model, "config", None), "_name_or_path", "") or "")
+    if recorded and not (os.path.isabs(recorded) or os.path.exists(recorded) or recorded.startswith(".")):
+        return recorded
+    return Path(source).name
+
+
+def save_portable_adapter(peft_lm: PeftModel, folder: str | os.PathLike[str], base_source: str | None,
+                          state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """peft's ``save_pretrained`` with only the LoRA matrices and a portable base model name.
+
+    peft saves the whole (resized) embedding and output matrices when the vocabulary grew
+    (``save_embedding_layers="auto"``): 231 MB over SmolLM2-135M for the two slide tokens, whose rows
+    never reach the LM (placeholders are overwritten by connector outputs). Those are left out, so the
+    adapter loads onto the stock base model with plain peft, and ``base_model_name_or_path`` names
+    the base by `portable_base_name` instead of the trainer's local path.
+    """
+    configs = peft_lm.peft_config
+    saved = {name: cfg.base_model_name_or_path for name, cfg in configs.items()}
+    name = portable_base_name(base_source or next(iter(saved.values()), None), peft_lm.get_base_model())
+    try:
+        for cfg in configs.values():
+            cfg.base_model_name_or_path = name
+        peft_lm.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True,
+                                save_embedding_layers=False)
+    finally:
+        for key, value in saved.items():
+            configs[key].base_model_name_or_path = value
 
 
 def load_lora(

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from pathchat.model.checkpoint import verify_manifest
 from pathchat.model.configuration import PathChatConfig
-from pathchat.model.modeling import PathChatForConditionalGeneration
+from pathchat.model.modeling import PathChatForConditionalGeneration, init_slide_embeddings
 
 __all__ = [
     "CONNECTOR_WEIGHTS_NAME",
@@ -158,6 +158,8 @@ def load_pathchat(
 
     Raises:
         ManifestError: a file differs from the folder's manifest (with ``verify``).
+        BaseModelMismatchError: the base LLM's file is not the one the adapter was trained on (with
+            ``verify``; checkpoints that recorded its sha256, such as the built-in model).
         FileNotFoundError / ValueError: naming the folder and what is missing.
     """
     folder = Path(folder)
@@ -175,14 +177,21 @@ def load_pathchat(
     else:
         if verify:
             verify_manifest(folder)
+            from pathchat.model.builtin import check_base_model
+
+            check_base_model(folder, json.loads((folder / "config.json").read_text()))
         config = PathChatConfig.from_pretrained(folder)
         lm, _ = load_language_model(_base_source(folder), dtype=dtype, attn_implementation=attn_implementation)
         embeddings = lm.get_input_embeddings()
         assert isinstance(embeddings, torch.nn.Embedding)
-        if embeddings.num_embeddings < len(tokenizer):
+        resized = embeddings.num_embeddings < len(tokenizer)
+        if resized:
             lm.resize_token_embeddings(len(tokenizer))
         config.text_config = lm.config  # the model adopts the rebuilt LM and its (resized) config
         model = PathChatForConditionalGeneration(config, language_model=lm)
+        if resized:
+            # The adapter holds no embedding rows: the slide tokens' rows are rebuilt as at training time.
+            init_slide_embeddings(model)
         if kind == "lora":
             from pathchat.model.lora import load_lora
 

@@ -160,12 +160,14 @@ def save_pathchat_checkpoint(
         if kind == "lora":
             from peft import PeftModel, get_peft_model_state_dict
 
+            from pathchat.model.lora import save_portable_adapter
+
             lm = model.language_model
             if not isinstance(lm, PeftModel):
                 raise ValueError("kind 'lora' needs a model whose language model carries a LoRA adapter")
             lm_state = {k[len("language_model."):]: v for k, v in state.items() if k.startswith("language_model.")}
-            adapter = get_peft_model_state_dict(lm, state_dict=lm_state)
-            lm.save_pretrained(str(folder), state_dict=adapter, safe_serialization=True)
+            adapter = get_peft_model_state_dict(lm, state_dict=lm_state, save_embedding_layers=False)
+            save_portable_adapter(lm, folder, _base_language_model(model), state_dict=adapter)
     else:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected 'full', 'connector' or 'lora'")
     if model.generation_config is not None and kind != "full":

@@ -222,3 +222,55 @@ def test_flash_attn_not_importable_on_this_machine():
     attention_backend.flash_attn_available.cache_clear()
     if not torch.cuda.is_available():
         assert choose_attn_implementation("cpu", torch.bfloat16) == "sdpa"
+
+
+def test_adapter_is_small_portable_and_loads_onto_the_untouched_base_with_plain_peft(tmp_path):
+    """Issue 16: an adapter over a resized vocabulary holds only the LoRA matrices (no embedding or
+    output matrix), names its base without a local path, and plain peft puts it on the stock base."""
+    import json
+
+    from safetensors import safe_open
+    from tiny_models import CONNECTOR, FEATURE_DIM, text_config
+
+    from pathchat.model.modeling import build_pathchat
+    from pathchat.model.tokenizers import build_test_tokenizer
+
+    tokenizer = build_test_tokenizer("llama3")
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text_config("llama", len(tokenizer))))
+    stock.save_pretrained(tmp_path / "base")  # the untouched base, vocabulary without slide tokens
+    vocab = stock.config.vocab_size
+    model = build_pathchat(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer, FEATURE_DIM,
+                           CONNECTOR)
+    assert model.language_model.config.vocab_size > vocab  # the slide tokens resized it
+    model.config.base_language_model = str(tmp_path / "base")  # a local path: must not reach the adapter
+    apply_lora(model, SETTINGS)
+    _randomize_trainable(model)
+    folder = save_lora(model, tmp_path / "adapter")
+
+    with safe_open(str(folder / ADAPTER_WEIGHTS_NAME), "pt") as f:
+        keys = list(f.keys())
+        numel = sum(f.get_tensor(k).numel() for k in keys)
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys), keys
+    assert numel == LORA_PARAMS  # exactly the LoRA matrices: no [vocab, hidden] matrix
+    assert (folder / ADAPTER_WEIGHTS_NAME).stat().st_size < 4 * LORA_PARAMS + 8192
+    base_name = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"]
+    assert base_name == "base" and str(tmp_path) not in base_name
+
+    untouched = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_lm = PeftModel.from_pretrained(untouched, str(folder)).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        expected = model.language_model(input_ids=ids).logits[..., :vocab]
+        got = peft_lm(input_ids=ids).logits
+    assert got.shape[-1] == vocab
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_portable_base_name():
+    from pathchat.model.lora import portable_base_name
+
+    assert portable_base_name("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_base_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert portable_base_name("/home/me/models/my-llm") == "my-llm"
+    assert portable_base_name(None) is None
