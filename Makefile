@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m pathchat.demo --out $(JOB)
+	$(PY) -m data_recipes.synthetic.demo --out $(JOB)
 
 # The proof that the model reads the slide: synthetic dataset -> both stages -> held-out scores beside the
 # shuffled- and zeroed-features controls, from scratch (about 8 minutes on 2 cores); ends with one JSON line.

@@ -25,9 +25,8 @@ def demo_model(tmp_path_factory):
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)  # data_recipes/ is a folder of the repository, not of the package
-    from data_recipes.synthetic.learn import LearnConfig
-    from pathchat.demo import get_demo_model
+    from data_recipes.synthetic.learn import LearnConfig, run_learnability
 
     cache = tmp_path_factory.mktemp("demo_cache")
-    ckpt, summary = get_demo_model(cache, LearnConfig(), progress=False)
-    return cache, ckpt, summary
+    summary = run_learnability(cache, LearnConfig(), progress=False)
+    return cache, cache / "instruct", summary
