@@ -10,6 +10,8 @@ the batch runner records as a failure row naming both files, so every input file
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 from collections import defaultdict
@@ -19,11 +21,32 @@ from pathlib import Path
 
 from pathchat.wsi.slide import PLAIN_IMAGE_SUFFIXES, is_dicom_file
 
+log = logging.getLogger(__name__)
+
 #: Extensions OpenSlide reads as whole slides (DICOM is detected by content, whatever its name).
 SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".dicom"}
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".dicom",
+     ".qptiff"}  # QPTIFF (Akoya/PerkinElmer) is a TIFF: it gets a row, and is refused when it is fluorescence
 )
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
+#: Files that sit beside slides and are quietly passed over in folders (outputs, sidecars, notes).
+SIDECAR_SUFFIXES = frozenset(
+    {".h5", ".json", ".jsonl", ".csv", ".tsv", ".txt", ".md", ".xml", ".ini", ".dat", ".yaml", ".yml", ".log",
+     ".geojson", ".pt", ".npy", ".npz", ".pdf", ".html", ".lock", ".py", ".sh", ".zip", ".gz"}
+)
+
+
+def formats_looked_for() -> str:
+    """The file types discovery takes as slides, for messages."""
+    return ", ".join(sorted(SLIDE_SUFFIXES | PLAIN_IMAGE_SUFFIXES)) + " and DICOM files of any name"
+
+
+@dataclass
+class Discovery:
+    """What a search found: the slides, and the files passed over with the reason (shown to the user)."""
+
+    sources: list[SlideSource]
+    ignored: list[tuple[str, str]]  # (path, reason)
 
 
 @dataclass(frozen=True)
@@ -62,12 +85,32 @@ def _vms_members(vms: Path) -> set[Path]:
     return members
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path, ignored: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Files under `root`, following folder symlinks but never into a loop (a loop is noted and skipped)."""
     files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink back to a folder already searched
+            dirnames[:] = []
+            if ignored is not None:
+                ignored.append((dirpath, "symlink loop: this folder was already searched"))
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return files
+
+
+def _resolve(path: Path, ignored: list[tuple[str, str]]) -> Path | None:
+    """The real path of a file, or None (noted in `ignored`) for a symlink loop or a dangling link."""
+    try:
+        return path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11 raises this for a symlink loop
+        ignored.append((str(path), "symlink loop"))
+    except OSError as e:
+        ignored.append((str(path), "symlink loop" if e.errno == errno.ELOOP else f"cannot resolve: {e.strerror}"))
+    return None
 
 
 def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSource]:
@@ -76,13 +119,38 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSourc
     Raises:
         FileNotFoundError: an input path does not exist.
     """
-    files: list[Path] = []
+    return find_slides(inputs).sources
+
+
+def find_slides(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
+    """Slides under the given files and folders, and the files in those folders that are no slide.
+
+    A file named directly is always a candidate, whatever its extension (so it gets a row, and a failure
+    says why it cannot be read). In folders, files with an unknown extension and symlink loops are
+    listed in `ignored` with the reason; sidecar files (h5, json, csv, txt…) are passed over silently.
+
+    Raises:
+        FileNotFoundError: an input path does not exist.
+        ValueError: an input is a symlink loop.
+    """
+    ignored: list[tuple[str, str]] = []
+    walked: list[Path] = []
+    direct: set[Path] = set()
     for item in inputs:
         p = Path(item)
+        if p.is_symlink() and _resolve(p, []) is None:
+            raise ValueError(f"{p}: a symlink loop or a dangling link, not a slide or folder")
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such file or folder")
-        files.extend(_walk(p) if p.is_dir() else [p])
-    files = list(dict.fromkeys(f.resolve() for f in files))  # de-duplicate, keep order
+        if p.is_dir():
+            walked.extend(_walk(p, ignored))
+        else:
+            walked.append(p)
+            direct.add(p.resolve())
+    resolved = (_resolve(f, ignored) for f in walked)
+    files = list(dict.fromkeys(f for f in resolved if f is not None))  # de-duplicate, keep order
+    for path, reason in ignored:
+        log.warning("skipped %s: %s", path, reason)
 
     excluded: set[Path] = set()
     for f in files:
@@ -117,6 +185,11 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSourc
             elif suffix in (".vms", ".vmu"):
                 parts = (f, *sorted(p for p in _vms_members(f) if p.exists()))
             singles.append((f, parts))
+        elif f in direct:
+            singles.append((f, (f,)))  # named on the command line: it gets a row, whatever it is
+        elif suffix not in SIDECAR_SUFFIXES:
+            reason = f"unknown extension {suffix or '(none)'!r}; PathChat reads {formats_looked_for()}"
+            ignored.append((str(f), reason))
 
     found: list[tuple[Path, str, tuple[Path, ...], Path | None]] = [(f, f.stem, parts, None) for f, parts in singles]
     found += [(f, f.stem, (f,), original) for f, original in duplicates]
@@ -129,7 +202,21 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[SlideSourc
         name = folder.name if per_folder[folder] == 1 else members[0].stem
         found.append((members[0], name, tuple(members), None))
     found.sort(key=lambda t: str(t[0]))
-    return _unique_ids(found)
+    return Discovery(_unique_ids(found), ignored)
+
+
+def find_slides_or_fail(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
+    """`find_slides`, refusing a search that finds no slide at all (a usage error, not "done 0").
+
+    Raises:
+        ValueError: no slide under `inputs`; names them, the formats looked for and what was passed over.
+    """
+    found = find_slides(inputs)
+    if not found.sources:
+        names = ", ".join(str(i) for i in inputs) or "(no inputs)"
+        passed = "".join(f"; skipped {path}: {reason}" for path, reason in found.ignored[:5])
+        raise ValueError(f"no slide files in {names} (looked for {formats_looked_for()}){passed}")
+    return found
 
 
 def _unique_ids(found: list[tuple[Path, str, tuple[Path, ...], Path | None]]) -> list[SlideSource]:

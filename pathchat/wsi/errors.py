@@ -9,23 +9,34 @@ class SlideError(Exception):
     """Base class: something is wrong with one slide file (never with the tool itself)."""
 
     kind = "slide_error"
+    #: What the message says first, so a reader tells "not supported" from "damaged" without the kind.
+    label = ""
 
     def __init__(self, path: str | os.PathLike[str], cause: str) -> None:
         self.path = os.fspath(path)
         self.cause = cause
-        super().__init__(f"{self.path}: {cause}")
+        label = self.label if self.label and not cause.startswith(self.label) else ""
+        super().__init__(f"{self.path}: {label}{cause}")
 
 
 class UnsupportedFormatError(SlideError):
-    """No reader recognises the file (wrong extension, truncated header, not an image)."""
+    """No reader recognises the file, or it is a kind of image PathChat does not read (the file may be fine)."""
 
     kind = "unsupported_format"
+    label = "not supported: "
+
+
+class NotBrightfieldError(UnsupportedFormatError):
+    """A fluorescence or multiplex image (grayscale channels), not an RGB brightfield (H&E) slide."""
+
+    kind = "not_brightfield"
 
 
 class CorruptSlideError(SlideError):
-    """The file was recognised but its data cannot be decoded."""
+    """The file was recognised but its data cannot be decoded: it is damaged."""
 
     kind = "corrupt"
+    label = "damaged: "
 
 
 class SlideTooLargeError(SlideError):
