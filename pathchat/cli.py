@@ -1,152 +1,175 @@
-"""`pathchat <verb>`: each verb parses its flags and calls one typed library function.
+"""`pathchat <verb>`: each verb is one typed function; its signature and docstring are its flags and `--help`.
 
-Exit codes for batch verbs: 0 when every slide succeeded, 2 when some slides failed, 1 on a usage or
-tool error (argparse's own usage exit code is remapped from 2 to 1 so that 2 always means "some
-slides failed").
+How to add a verb: write a typed function whose docstring has an ``Args:`` line per parameter (plain
+parameters become flags, `tile_size` -> `--tile-size`, a bool `progress` -> `--progress/--no-progress`,
+a dataclass parameter one flag per field), then add one entry to `VERBS` below:
+``"chat": Verb("pathchat.inference.chat:chat", positionals=("slide",))``. The function returns an exit
+code (None means 0) or a `BatchSummary` (printed, exit 0 / 2). Flags, defaults, YAML (`--config`) and
+errors all come from `pathchat.utils.config` (jsonargparse); nothing is declared twice.
+
+Exit codes: 0 when everything succeeded, 2 when some slides failed (batch verbs), 1 on a usage or tool
+error (a bad flag, a bad value refused by a config's checks, a missing file).
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import inspect
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pathchat.evaluation.runner import EvalConfig
+from pathchat.features.extract import ExtractJobConfig, RuntimeOptions
+from pathchat.training.config import StageConfig
+from pathchat.utils.batch import BatchSummary
+from pathchat.utils.config import ConfigError, SignatureParser, explain, new_parser
+from pathchat.wsi.grid import TilingParams
+from pathchat.wsi.tile_job import TileJobConfig, tile_slides
+from pathchat.wsi.tissue import TissueParams
+
+__all__ = ["VERBS", "TilingFlags", "Verb", "build_parser", "main", "show_batch", "verb_parser"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
+def _default(fn: Callable[..., Any], name: str) -> Any:
+    """A library function's default, so that a verb wrapping it cannot drift from it."""
+    return inspect.signature(fn).parameters[name].default
 
 
-def _first_paragraph(doc: str | None) -> str:
-    return (doc or "").strip().split("\n\n")[0].replace("\n", " ")
-
-
-def _verb(sub: argparse._SubParsersAction, name: str, fn: object) -> argparse.ArgumentParser:
-    doc = getattr(fn, "__doc__", "")
-    return sub.add_parser(name, help=_first_paragraph(doc), description=doc,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def _add_tiling_flags(p: argparse.ArgumentParser, tile_size_default: int | None, mag_help: str) -> None:
-    p.add_argument("slides", nargs="+", metavar="SLIDES", help="slide files or folders (searched recursively)")
-    p.add_argument("--out", required=True, metavar="JOB", help="job folder")
-    res = p.add_mutually_exclusive_group()
-    res.add_argument("--mag", type=float, help=mag_help)
-    res.add_argument("--mpp", type=float, help="target resolution in µm per pixel")
-    p.add_argument("--tile-size", type=int, default=tile_size_default,
-                   help="tile side in pixels at the target resolution" + ("" if tile_size_default else
-                                                                        " (default: the encoder's native size)"))
-    p.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring tiles in pixels")
-    p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue share of a tile (0 keeps all)")
-    p.add_argument("--slide-mpp", type=float, help="level-0 µm/px of every slide, overriding the files")
-    p.add_argument("--default-slide-mpp", type=float, help="level-0 µm/px for slides whose files record none")
-    p.add_argument("--low-res", choices=("native", "error"), default="native",
-                   help="slides coarser than the target: tile at their native resolution (warn) or fail")
-    p.add_argument("--tissue-threshold", type=float,
-                   help="fixed HSV-saturation threshold (0-255) instead of Otsu, for unusual stains")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _tile_config(args: argparse.Namespace, tile_px: int) -> Any:
-    from pathchat.wsi.grid import TilingParams
-    from pathchat.wsi.tile_job import TileJobConfig
-    from pathchat.wsi.tissue import TissueParams
-
-    tiling = TilingParams(magnification=args.mag, mpp=args.mpp, tile_px=tile_px, overlap_px=args.overlap,
-                          min_tissue=args.min_tissue, low_resolution=args.low_res)
-    tissue = TissueParams(saturation_threshold=args.tissue_threshold)
-    return TileJobConfig(tiling=tiling, tissue=tissue, slide_mpp=args.slide_mpp,
-                         default_slide_mpp=args.default_slide_mpp)
-
-
-def _report(summary: Any, outputs: Path) -> int:
+def show_batch(summary: BatchSummary, outputs: str | os.PathLike[str] | None = None) -> int:
+    """Print a batch verb's failures, no-tissue slides and ignored files (stderr), output folder and
+    done / no_tissue / skipped / failed line; its exit code."""
     for row in summary.failures:
         print(f"FAILED {row['slide_id']}: [{row['error_type']}] {row['message']}", file=sys.stderr)
-    print(f"outputs: {outputs}")
+    for slide_id in summary.no_tissue_slides:
+        print(f"NO TISSUE {slide_id}: no tile has usable tissue (outputs written, 0 tiles)", file=sys.stderr)
+    for path, reason in summary.ignored:
+        print(f"IGNORED FILE {path}: {reason}", file=sys.stderr)
+    if outputs is not None:
+        print(f"outputs: {outputs}")
     print(summary.line())
     return int(summary.exit_code)
 
 
-def _add_tile(sub: argparse._SubParsersAction) -> None:
-    from pathchat.wsi.tile_job import tile_slides
-
-    p = _verb(sub, "tile", tile_slides)
-    _add_tiling_flags(p, 256, "target magnification (default 20, i.e. 0.5 µm/px)")
-    p.add_argument("--workers", type=int, default=1, help="slides processed in parallel, one process each")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a slide's process is killed")
-    p.set_defaults(func=_run_tile)
+# ---------------------------------------------------------------------------------------------- verbs
 
 
-def _run_tile(args: argparse.Namespace) -> int:
-    from pathchat.wsi.tile_job import tile_slides
+@dataclass(frozen=True)
+class TilingFlags:
+    """The tiling flags that `tile` and `extract` share (defaults from `TilingParams` and `TileJobConfig`).
 
-    cfg = _tile_config(args, args.tile_size)
-    summary = tile_slides(args.slides, args.out, cfg, workers=args.workers, timeout_s=args.timeout,
-                          progress=not args.no_progress)
-    return _report(summary, Path(args.out) / cfg.tiling.folder_name)
+    Attributes:
+        mag: target magnification (default 20x, i.e. 0.5 µm/px, for tile; the encoder's native one for extract).
+        mpp: target resolution in µm per pixel (instead of --mag).
+        overlap: overlap of neighbouring tiles in pixels.
+        min_tissue: minimum tissue share of a tile (0 keeps all).
+        slide_mpp: level-0 µm/px of every slide, overriding the files.
+        default_slide_mpp: level-0 µm/px for slides whose files record none.
+        low_res: slides coarser than the target: tile at their native resolution (warn) or fail.
+        tissue_threshold: fixed HSV-saturation threshold (0-255) instead of Otsu, for unusual stains.
+    """
+
+    mag: float | None = None
+    mpp: float | None = None
+    overlap: int = TilingParams.overlap_px
+    min_tissue: float = TilingParams.min_tissue
+    slide_mpp: float | None = TileJobConfig.slide_mpp
+    default_slide_mpp: float | None = TileJobConfig.default_slide_mpp
+    low_res: Literal["native", "error"] = "native"
+    tissue_threshold: float | None = TissueParams.saturation_threshold
+
+    def job_config(self, tile_px: int, magnification: float | None = None) -> TileJobConfig:
+        """The `TileJobConfig` these flags describe (`magnification` where neither --mag nor --mpp is given);
+        its checks raise ValueError naming the flag."""
+        mag = self.mag if self.mag is not None or self.mpp is not None else magnification
+        tiling = TilingParams(magnification=mag, mpp=self.mpp, tile_px=tile_px,
+                              overlap_px=self.overlap, min_tissue=self.min_tissue, low_resolution=self.low_res)
+        return TileJobConfig(tiling=tiling, tissue=TissueParams(saturation_threshold=self.tissue_threshold),
+                             slide_mpp=self.slide_mpp, default_slide_mpp=self.default_slide_mpp)
 
 
-def _add_extract(sub: argparse._SubParsersAction) -> None:
+def tile(slides: list[str], out: str, tiling: TilingFlags, tile_size: int = TilingParams.tile_px, workers: int = _default(tile_slides, "workers"),
+         timeout: float = _default(tile_slides, "timeout_s"), progress: bool = True) -> int:
+    """Tile every slide under `slides` (files or folders, searched recursively) into the job folder.
+
+    Writes, per slide under JOB/<mag>x_<tile>px_<overlap>px_overlap/: patches/<slide>.h5 (coordinates),
+    visualization/<slide>.png (QC) and contours_geojson/<slide>.geojson. Reruns skip finished slides.
+
+    Args:
+        slides: slide files or folders (searched recursively).
+        out: job folder.
+        tiling: tiling settings.
+        tile_size: tile side in pixels at the target resolution.
+        workers: slides processed in parallel, one process each.
+        timeout: seconds before a slide's process is killed.
+        progress: show a progress bar.
+    """
+    cfg = tiling.job_config(tile_size)
+    summary = tile_slides(slides, out, cfg, workers=workers, timeout_s=timeout, progress=progress)
+    return show_batch(summary, Path(out) / cfg.tiling.folder_name)
+
+
+def extract(slides: list[str], out: str, encoder: str, tiling: TilingFlags, tile_size: int | None = None,
+            weights: str | None = None,
+            weights_map: str | None = None, random_weights: bool = False, extra_mag: float | None = None,
+            batch_size: int = RuntimeOptions.batch_size, workers: int = RuntimeOptions.loader_workers,
+            dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto",
+            feature_dtype: Literal["float32", "float16"] = "float32", device: str = RuntimeOptions.device,
+            timeout: float = 3600.0, progress: bool = True) -> int:
+    """Extract tile features of every slide under `slides` into the job folder (tiling first where needed).
+
+    Resumable: a rerun skips slides whose features still match the slide, the encoder and the settings.
+    Several processes (`torchrun`, `accelerate launch`, or plain copies of this command) may share one job.
+
+    Args:
+        slides: slide files or folders (searched recursively).
+        out: job folder.
+        encoder: registry name (see `pathchat encoders`), hf:<repo> or timm:<name>.
+        tiling: tiling settings.
+        tile_size: tile side in pixels at the target resolution (null: the encoder's native size).
+        weights: local weights file or snapshot folder for the encoder.
+        weights_map: YAML {encoder: local weights path} (default: $PATHCHAT_ENCODER_WEIGHTS).
+        random_weights: build the encoder with random weights (dry runs).
+        extra_mag: also extract a second, coarser magnification (e.g. 5).
+        batch_size: tiles per encoder batch.
+        workers: tile-decoding processes beside the encoder.
+        dtype: encoder compute precision on GPU (auto: the encoder's recommended one; CPU runs fp32).
+        feature_dtype: precision of the stored features.
+        device: cpu, cuda, cuda:1 … (auto: cuda:$LOCAL_RANK when available).
+        timeout: seconds before a slide is killed and failed.
+        progress: show a progress bar.
+    """
+    from pathchat.features.encoders import get_encoder_spec
     from pathchat.features.extract import extract_slides
 
-    p = _verb(sub, "extract", extract_slides)
-    _add_tiling_flags(p, None, "target magnification (default: the encoder's native one)")
-    p.add_argument("--encoder", required=True, help="registry name (see `pathchat encoders`), hf:<repo> or timm:<name>")
-    p.add_argument("--weights", help="local weights file or snapshot folder for the encoder")
-    p.add_argument("--weights-map", help="YAML {encoder: local weights path} (default: $PATHCHAT_ENCODER_WEIGHTS)")
-    p.add_argument("--random-weights", action="store_true", help="build the encoder with random weights (dry runs)")
-    p.add_argument("--extra-mag", type=float, help="also extract a second, coarser magnification (e.g. 5)")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch")
-    p.add_argument("--workers", type=int, default=2, help="tile-decoding processes beside the encoder")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="encoder compute precision on GPU (auto: the encoder's recommended one; CPU runs fp32)")
-    p.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
-                   help="precision of the stored features")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda:$LOCAL_RANK when available)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a slide is killed and failed")
-    p.set_defaults(func=_run_extract)
+    spec = get_encoder_spec(encoder, weights=weights)
+    cfg = ExtractJobConfig(encoder=encoder, weights=weights, weights_map=weights_map, pretrained=not random_weights,
+                           tile=tiling.job_config(tile_size or spec.tile_px, spec.magnification),
+                           extra_magnification=extra_mag, feature_dtype=feature_dtype)
+    runtime = RuntimeOptions(batch_size=batch_size, loader_workers=workers, device=device, dtype=dtype)
+    summary = extract_slides(slides, out, cfg, runtime, timeout_s=timeout, progress=progress)
+    return show_batch(summary, Path(out))
 
 
-def _run_extract(args: argparse.Namespace) -> int:
-    from pathchat.features.encoders import get_encoder_spec
-    from pathchat.features.extract import ExtractJobConfig, RuntimeOptions, extract_slides
+def encoders(weights_map: str | None = None, json: bool = False) -> int:
+    """List the tile-encoder registry: dim, tile size, magnification, source, precision, offline availability.
 
-    spec = get_encoder_spec(args.encoder, weights=args.weights)
-    if args.mag is None and args.mpp is None:
-        args.mag = spec.magnification  # the encoder's native magnification
-    tile_cfg = _tile_config(args, args.tile_size or spec.tile_px)
-    cfg = ExtractJobConfig(encoder=args.encoder, weights=args.weights, weights_map=args.weights_map,
-                           pretrained=not args.random_weights, tile=tile_cfg, extra_magnification=args.extra_mag,
-                           feature_dtype=args.feature_dtype)
-    runtime = RuntimeOptions(batch_size=args.batch_size, loader_workers=args.workers, device=args.device,
-                             dtype=args.dtype)
-    summary = extract_slides(args.slides, args.out, cfg, runtime, timeout_s=args.timeout,
-                             progress=not args.no_progress)
-    return _report(summary, Path(args.out))
-
-
-def _add_encoders(sub: argparse._SubParsersAction) -> None:
-    from pathchat.features.encoders import encoders_table
-
-    p = _verb(sub, "encoders", encoders_table)
-    p.add_argument("--weights-map", help="YAML {encoder: local weights path} (default: $PATHCHAT_ENCODER_WEIGHTS)")
-    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    p.set_defaults(func=_run_encoders)
-
-
-def _run_encoders(args: argparse.Namespace) -> int:
-    import json
+    Args:
+        weights_map: YAML {encoder: local weights path} (default: $PATHCHAT_ENCODER_WEIGHTS).
+        json: print JSON lines instead of a table.
+    """
+    import json as json_lib
 
     from pathchat.features.encoders import encoders_table, load_weights_map
 
-    rows = encoders_table(load_weights_map(args.weights_map))
-    if args.json:
+    rows = encoders_table(load_weights_map(weights_map))
+    if json:
         for row in rows:
-            print(json.dumps(row))
+            print(json_lib.dumps(row))
         return 0
     print(f"{'name':<16} {'dim':>5} {'tile':>5} {'mag':>5}  {'source':<13} {'precision':<9} offline")
     for r in rows:
@@ -155,51 +178,72 @@ def _run_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from pathchat.evaluation.runner import run_eval
-    from pathchat.evaluation.tasks import TASKS
+def train(config: StageConfig) -> int:
+    """Train one stage (align: connector only; instruct: connector + LLM, full or LoRA) from a YAML config.
 
-    p = _verb(sub, "eval", run_eval)
-    p.add_argument("--task", choices=sorted(TASKS), help="benchmark task")
-    p.add_argument("--data", help="the task's file (SlideBench JSON/CSV, WSI-VQA JSON, PathVQA JSON, JSONL)")
-    p.add_argument("--model", help="checkpoint folder (model and tokenizer)")
-    p.add_argument("--features", help="folder of <slide>.h5 feature files")
-    p.add_argument("--out", help="output folder (results.json, results.md, predictions.jsonl)")
-    p.add_argument("--predictions", help="score these answers instead of running a model: JSONL {id, text} "
-                                         "or SlideChat's CSV with an Output column")
-    p.add_argument("--config", help="YAML of eval settings (eval/*.yaml); flags override it")
-    p.add_argument("--dry-run", action="store_true", help="print the task's counts as JSON and exit")
-    p.add_argument("--batch-size", type=int, help="questions per generation batch (default 8)")
-    p.add_argument("--max-new-tokens", type=int, help="generation cap (default 64; 512 for reports)")
-    p.add_argument("--consistency-repeats", type=int, help="asks with shuffled options per closed question (default 2)")
-    p.add_argument("--no-controls", action="store_true", help="skip the shuffled- and zeroed-features controls")
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--seed", type=int, help="seed of the slide derangement and option shuffles (default 0)")
-    p.add_argument("--fail-on-missing", action="store_true", help="fail when a slide has no feature file")
-    p.add_argument("--system-prompt", help="system message (default: the chat template's)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 …")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_run_eval)
+    Usage: pathchat train CONFIG.yaml [--SECTION.KEY VALUE …]; any key of the YAML (below) is a flag, and
+    flags override the file. A rerun resumes from the newest complete checkpoint in the output folder.
+    Multi-GPU: launch the same command with `deepspeed`, `accelerate launch` or `torchrun` and set
+    training.deepspeed to a JSON in train/deepspeed/. Prints one JSON line with the output folder and the
+    final loss.
 
-
-def _run_eval(args: argparse.Namespace) -> int:
+    Args:
+        config: the stage config.
+    """
     import json
 
-    from pathchat.evaluation.runner import build_config, dry_run, run_eval
+    from pathchat.training.run import RunAlreadyCompleteError, train_stage
+
+    logging.getLogger("pathchat").setLevel(logging.INFO)
+    try:
+        result = train_stage(config)
+    except RunAlreadyCompleteError as e:
+        print(f"pathchat train: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output_dir": str(result.output_dir), "stage": config.stage, "steps": result.global_step,
+                          "final_loss": result.losses[-1] if result.losses else None,
+                          "samples": result.num_samples, "answers": result.num_answers,
+                          "skipped_records": result.skipped_records, "checkpoint": result.checkpoint_kind,
+                          "resumed_from": result.resumed_from}))
+    return 0
+
+
+def convert_zero(checkpoint: str, out: str) -> int:
+    """Turn a DeepSpeed ZeRO checkpoint-N folder into a safetensors PathChat checkpoint (LoRA folded in).
+
+    Args:
+        checkpoint: a checkpoint-N folder with DeepSpeed ZeRO shards.
+        out: output folder for the safetensors checkpoint.
+    """
+    from pathchat.training.zero import convert_zero_checkpoint
+
+    print(convert_zero_checkpoint(checkpoint, out))
+    return 0
+
+
+def evaluate(config: EvalConfig, dry_run: bool = False) -> int:
+    """Score a checkpoint (or existing answers) on a benchmark task, each score beside its controls.
+
+    Tasks: slidebench, wsi-vqa, pathvqa, report, synthetic, questions. Writes results.json,
+    results.md and predictions.jsonl into --out; a rerun skips what is done. Settings may come from a
+    task YAML (--config eval/<task>.yaml); flags override it.
+
+    Args:
+        config: the evaluation settings.
+        dry_run: print the task's counts as JSON and exit.
+    """
+    import json
+
+    from pathchat.evaluation.runner import dry_run as count_task
+    from pathchat.evaluation.runner import run_eval
     from pathchat.features.store import FeatureFileError
 
-    overrides = {k: getattr(args, k) for k in ("task", "data", "model", "features", "out", "predictions",
-                                               "batch_size", "max_new_tokens", "consistency_repeats", "limit",
-                                               "seed", "system_prompt", "device")}
-    overrides.update(controls=False if args.no_controls else None, progress=False if args.no_progress else None,
-                     fail_on_missing=True if args.fail_on_missing else None)
-    if args.dry_run:
-        cfg = build_config(args.config, **{**overrides, "out": args.out or "-"})
-        print(json.dumps(dry_run(cfg), indent=1))
+    if dry_run:
+        print(json.dumps(count_task(config), indent=1))
         return 0
-    cfg = build_config(args.config, **overrides)
     try:
-        result = run_eval(cfg)
+        result = run_eval(config)
     except (FeatureFileError, RuntimeError, OSError) as e:  # OSError: unreadable checkpoint (ManifestError)
         print(f"pathchat eval: error: {e}", file=sys.stderr)
         return 1
@@ -208,91 +252,124 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = _verb(sub, "train", _run_train)
-    p.add_argument("config", metavar="CONFIG.yaml", help="stage config (train/*.yaml)")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--dotted.key VALUE",
-                   help="override config values, e.g. --training.learning_rate 1e-4 --lora.r 8")
-    p.set_defaults(func=_run_train)
+# ------------------------------------------------------------------------------------------ the table
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    """Train one stage (align: connector only; instruct: connector + LLM, full or LoRA) from a YAML config.
+@dataclass(frozen=True)
+class Verb:
+    """One `pathchat` verb.
 
-    Any config value can be overridden with --section.key VALUE. A rerun resumes from the newest
-    complete checkpoint in the output folder. Multi-GPU: launch the same command with
-    `deepspeed`, `accelerate launch` or `torchrun` and set training.deepspeed to a JSON in
-    train/deepspeed/. Prints one JSON line with the output folder and the final loss.
+    Attributes:
+        run: the typed function, or "module:function" (imported only when the parser is built).
+        positionals: parameters given by position rather than by flag.
+        config_file: accept `--config FILE.yaml` holding the same keys as the flags.
+        config_positional: the first argument, when it is not a flag, is the config file (`train CONFIG.yaml`).
     """
-    import json
 
-    from pathchat.training.config import ConfigError, load_stage_config
-    from pathchat.training.run import RunAlreadyCompleteError, train_stage
+    run: Callable[..., Any] | str
+    positionals: tuple[str, ...] = ()
+    config_file: bool = False
+    config_positional: bool = False
 
-    try:
-        cfg = load_stage_config(args.config, list(args.overrides))
-    except ConfigError as e:
-        print(f"pathchat train: error: {e}", file=sys.stderr)
-        return 1
-    logging.getLogger("pathchat").setLevel(logging.INFO)
-    try:
-        result = train_stage(cfg)
-    except RunAlreadyCompleteError as e:
-        print(f"pathchat train: {e}", file=sys.stderr)
-        return 1
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"output_dir": str(result.output_dir), "stage": cfg.stage, "steps": result.global_step,
-                          "final_loss": result.losses[-1] if result.losses else None,
-                          "samples": result.num_samples, "answers": result.num_answers,
-                          "skipped_records": result.skipped_records, "checkpoint": result.checkpoint_kind,
-                          "resumed_from": result.resumed_from}))
-    return 0
+    def function(self) -> Callable[..., Any]:
+        if not isinstance(self.run, str):
+            return self.run
+        module, _, name = self.run.partition(":")
+        fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
+        return fn
 
 
-def _add_convert_zero(sub: argparse._SubParsersAction) -> None:
-    p = _verb(sub, "convert-zero", _run_convert_zero)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-N folder with DeepSpeed ZeRO shards")
-    p.add_argument("--out", required=True, help="output folder for the safetensors checkpoint")
-    p.set_defaults(func=_run_convert_zero)
+VERBS: dict[str, Verb] = {
+    "tile": Verb(tile, positionals=("slides",)),
+    "extract": Verb(extract, positionals=("slides",)),
+    "encoders": Verb(encoders),
+    "train": Verb(train, config_file=True, config_positional=True),
+    "convert-zero": Verb(convert_zero, positionals=("checkpoint",)),
+    "eval": Verb(evaluate, config_file=True),
+    "serve": Verb("pathchat.serve.server:serve_cli"),
+    "report": Verb("pathchat.inference.report:report", positionals=("slides",)),
+    "chat": Verb("pathchat.inference.chat:chat", positionals=("slide",)),
+}
 
 
-def _run_convert_zero(args: argparse.Namespace) -> int:
-    """Turn a DeepSpeed ZeRO checkpoint-N folder into a safetensors PathChat checkpoint (LoRA folded in)."""
-    from pathchat.training.zero import convert_zero_checkpoint
+def verb_parser(name: str) -> tuple[Any, SignatureParser]:
+    """The jsonargparse parser of one verb, and the adapter that calls its function."""
+    spec = VERBS[name]
+    sig = SignatureParser(spec.function(), spec.positionals, spec.config_file)
+    parser = new_parser(f"pathchat {name}", sig.description)
+    return sig.add_to(parser), sig
 
-    print(convert_zero_checkpoint(args.checkpoint, args.out))
-    return 0
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pathchat", description="PathChat: talk to a whole-slide image. Research use only.")
+def build_parser() -> Any:
+    """`pathchat` with every verb as a subcommand (for `pathchat --help` and argument checking)."""
+    parser = new_parser("pathchat", "PathChat: talk to a whole-slide image. Research use only.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    _add_tile(sub)
-    _add_extract(sub)
-    _add_encoders(sub)
-    _add_train(sub)
-    _add_convert_zero(sub)
-    _add_eval(sub)
+    sub = parser.add_subcommands(dest="verb", required=True)
+    for name in VERBS:
+        verb, sig = verb_parser(name)
+        sub.add_subcommand(name, verb, help=sig.description.split("\n")[0])
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    from pathchat.utils.batch import BatchSetupError
-    from pathchat.features.encoders import EncoderError
+def split_verb(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(flags before the verb, the verb, the verb's arguments), with `train CONFIG.yaml` -> `--config`."""
+    for i, tok in enumerate(argv):
+        if not tok.startswith("-"):
+            rest = argv[i + 1:]
+            spec = VERBS.get(tok)
+            if spec is not None and spec.config_positional and rest and not rest[0].startswith("-"):
+                rest = ["--config", *rest]
+            return argv[:i], tok, rest
+    return argv, None, []
 
-    try:
-        return int(args.func(args))
-    except (ValueError, FileNotFoundError, BatchSetupError, EncoderError) as e:
-        print(f"pathchat {args.verb}: error: {e}", file=sys.stderr)
+
+def _unexpected(verb: str, error: BaseException, verbose: bool) -> int:
+    """An error no check foresaw: one line naming its type and message (the traceback only with -v); exit 1."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    message = " ".join(str(error).split()) or "(no message)"
+    hint = "" if verbose else " (run with -v for the traceback)"
+    print(f"pathchat {verb}: error: {type(error).__name__}: {message}{hint}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `pathchat ARGV`; returns the exit code (`--help` exits 0 through SystemExit, as argparse does)."""
+    from pathchat.features.encoders import EncoderError
+    from pathchat.utils.batch import BatchSetupError
+
+    head, name, rest = split_verb(list(sys.argv[1:] if argv is None else argv))
+    if name not in VERBS:
+        if {"-h", "--help"} & set(head):
+            build_parser().parse_args(["--help"])  # prints every verb and exits 0
+        problem = f"unknown verb {name!r}" if name else "a verb is required"
+        print(f"pathchat: error: {problem}; choose one of {', '.join(VERBS)} (see: pathchat --help)",
+              file=sys.stderr)
         return 1
+    logging.basicConfig(level=logging.DEBUG if {"-v", "--verbose"} & set(head) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    parser, sig = verb_parser(name)
+    try:
+        values = parser.parse_args(rest)
+    except Exception as e:  # jsonargparse raises ArgumentError, or the TypeError/ValueError behind it
+        print(f"pathchat {name}: error: {explain(e, parser, rest)}", file=sys.stderr)
+        print(f"(see: pathchat {name} --help)", file=sys.stderr)
+        return 1
+    try:
+        result = sig.call(values, parser)
+    except (ConfigError, ValueError, FileNotFoundError, BatchSetupError, EncoderError) as e:
+        message = " ".join(str(e).split())
+        print(f"pathchat {name}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - any other failure is still one line; -v shows the traceback
+        return _unexpected(name, e, verbose=bool({"-v", "--verbose"} & set(head)))
+    if isinstance(result, BatchSummary):
+        return show_batch(result)
+    return 0 if result is None else int(result)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

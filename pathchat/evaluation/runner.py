@@ -26,7 +26,7 @@ import random
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "FeatureResolver",
-    "build_config",
     "dry_run",
     "PredictionsFile",
     "read_predictions_file",
@@ -81,7 +80,7 @@ class EvalConfig:
     Attributes:
         task: task name (`pathchat.evaluation.tasks.TASKS`).
         data: the task's file.
-        out: output folder.
+        out: output folder (needed to run, not for a dry run).
         model: checkpoint folder (model + tokenizer); None with `predictions`.
         features: folder of `<slide>.h5` feature files (needed with `model`).
         predictions: score this JSONL ({"id", "text"}) or SlideChat CSV (`Output` column) instead of
@@ -103,7 +102,7 @@ class EvalConfig:
 
     task: str
     data: str
-    out: str
+    out: str | None = None
     model: str | None = None
     features: str | None = None
     predictions: str | None = None
@@ -121,6 +120,8 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the flag at fault."""
+        if self.out is None:
+            raise ValueError("--out is required (or set out in the --config file)")
         if (self.model is None) == (self.predictions is None):
             raise ValueError("give exactly one of --model (run a checkpoint) or --predictions (score answers)")
         if self.model is not None and self.features is None:
@@ -135,15 +136,6 @@ class EvalConfig:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.bad_predictions not in BAD_PREDICTIONS:
             raise ValueError(f"--bad-predictions must be one of {BAD_PREDICTIONS}, got {self.bad_predictions!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        """Build from a mapping (a YAML task config plus overrides); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown eval settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 @dataclass
@@ -478,6 +470,32 @@ def _plan(cfg: EvalConfig, questions: Sequence[Question], resolver: FeatureResol
     return asks, info
 
 
+def _check_feature_recipes(model: Any, paths: set[Path]) -> None:
+    """Refuse features made another way than the checkpoint's recorded recipe (as the pipeline does).
+
+    Raises:
+        FeatureRecipeError: naming the file and both recipes.
+    """
+    from pathchat.features.store import read_feature_attrs
+    from pathchat.inference.recipe import FeatureRecipe, recipe_of_model
+
+    recipe = recipe_of_model(model.config)
+    if recipe is None:
+        logger.warning("the checkpoint records no feature recipe (it predates them): the features in "
+                       "--features are not checked against it")
+        return
+    unchecked = []
+    for path in sorted(paths):
+        attrs = read_feature_attrs(path) if path.suffix.lower() in (".h5", ".hdf5") else {}
+        if not attrs.get("encoder"):  # imported features (SlideChat CSV, old CLAM) name no encoder
+            unchecked.append(path.name)
+            continue
+        recipe.check(FeatureRecipe.from_feature_attrs(attrs), str(path))
+    if unchecked:
+        logger.warning("%d feature files record no encoder, so their recipe cannot be checked against the "
+                       "checkpoint's (%s), e.g. %s", len(unchecked), recipe.describe(), unchecked[0])
+
+
 def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
     """Answer `asks` in batches, appending each batch's rows to `pred_path`. Returns how many were asked."""
     import torch
@@ -490,6 +508,7 @@ def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
     device = _device(cfg.device)
     # Full, connector-only (stage 1) and LoRA checkpoints alike, told apart by their files.
     model, tokenizer = load_pathchat(cfg.model, device=device)
+    _check_feature_recipes(model, {a.features_path for a in asks if a.features_path is not None})
     cache = _FeatureCache()
     # Same kind and slide together: similar prompt lengths and tile counts, and the cache stays warm.
     asks = sorted(asks, key=lambda a: (a.question.kind, str(a.features_from), a.condition, a.question.id))
@@ -536,6 +555,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     questions = task.questions[: cfg.limit] if cfg.limit else list(task.questions)
     if any(q.kind == "report" for q in questions) and not java_available():
         raise RuntimeError("report metrics need java (pycocoevalcap); install a JRE before running")
+    assert cfg.out is not None  # validate() checked it
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
@@ -673,33 +693,6 @@ def results_markdown(results: dict[str, Any]) -> str:
     else:
         lines.append("Controls: not run (scored existing predictions, or `--no-controls`).")
     return "\n".join(lines) + "\n"
-
-
-def build_config(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> EvalConfig:
-    """An `EvalConfig` from an optional YAML task config (`eval/*.yaml`) and overrides (None = unset).
-
-    Raises:
-        ValueError: unreadable YAML, unknown keys, or a required field (task, data, out) missing.
-    """
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        import yaml
-
-        path = Path(config_file)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"eval config not found: {path}") from e
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of eval settings")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for required in ("task", "data", "out"):
-        if values.get(required) is None:
-            raise ValueError(f"--{required} is required (or set it in the --config file)")
-    return EvalConfig.from_dict(values)
 
 
 def dry_run(cfg: EvalConfig) -> dict[str, Any]:

@@ -1,22 +1,23 @@
 """Typed stage configs, read from YAML with dotted command-line overrides.
 
 ``pathchat train train/instruct.yaml --training.learning_rate 1e-4 --lora.r 8`` loads the YAML into
-these dataclasses, applies the overrides (values parsed as YAML scalars, then checked against the
-field's type), and refuses unknown keys with the list of valid ones, so a typo never trains with a
-silently ignored setting.
+these dataclasses through jsonargparse (`pathchat.utils.config`): the flags come from the fields, values
+are checked against the fields' types, and an unknown key is refused with the file or flag it came from
+and the valid keys, so a typo never trains with a silently ignored setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from pathchat.utils.config import ConfigError, build_sectioned, dotted_flags, new_parser, parse_or_raise
 
 __all__ = [
     "ConfigError",
@@ -25,51 +26,83 @@ __all__ = [
     "ModelConfig",
     "StageConfig",
     "TrainingConfig",
-    "apply_overrides",
     "load_stage_config",
-    "stage_config_from_dict",
+    "stage_parser",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; names the file or key."""
 
 
 @dataclass
 class ModelConfig:
-    """What to build. ``language_model`` is a source: hub id, folder, ``smollm2`` or ``tiny:qwen2``."""
+    """model: what to build.
+
+    Attributes:
+        language_model: a source: hub id, folder, ``smollm2`` or ``tiny:qwen2``.
+        tiny: config fields of a ``tiny:`` language model (hidden_size, num_hidden_layers, …).
+        connector: the connector's config: ``type`` (scale_invariant, mlp, pool, resampler) and its fields.
+        feature_dim: tile feature size (null: read from the first feature file).
+        init_from: instruct: the stage-1 checkpoint whose connector is loaded.
+        attn_implementation: null: flash-attention 2 when possible, else sdpa.
+        seed: initialisation seed of the connector (and of tiny language models).
+    """
 
     language_model: str = "tiny:qwen2"
-    tiny: dict[str, Any] = field(default_factory=dict)  # config fields of a tiny: language model
+    tiny: dict[str, Any] = field(default_factory=dict)
     connector: dict[str, Any] = field(default_factory=lambda: {"type": "scale_invariant"})
-    feature_dim: int | None = None  # None: read from the first feature file
-    init_from: str | None = None  # instruct: the stage-1 checkpoint whose connector is loaded
-    attn_implementation: str | None = None  # None: flash-attention 2 when possible, else sdpa
-    seed: int = 0  # initialisation seed of the connector (and of tiny language models)
+    feature_dim: int | None = None
+    init_from: str | None = None
+    attn_implementation: str | None = None
+    seed: int = 0
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # conversation JSON/JSONL files
-    features: str = ""  # features folder (<slide>.h5)
-    eval: list[str] = field(default_factory=list)  # held-out conversations, loss only
+    """data: conversations, features and how they are packed into sequences.
+
+    Attributes:
+        train: conversation JSON/JSONL files.
+        features: features folder (<slide>.h5).
+        eval: held-out conversations (loss only).
+        max_length: tokens per sequence.
+        max_tiles: tile cap per slide (null: all); the seeded sampler is shared with inference.
+        tile_sample_seed: seed of that tile sampler.
+        prompt_format: auto: plain for align, chat for instruct.
+        pack_by_slide: all questions about one slide in one sequence.
+        isolate_records: with packing, every merged record sees the slide but not the others' turns
+            (independent questions).
+        pack_max_records: split a slide's records into packs of at most this many (null: one pack per
+            slide); shorter sequences train faster, attention grows with the square of the length.
+        system_prompt: system message (null: the chat template's).
+        skip_invalid: count and leave out bad records instead of failing.
+        standardize_features: fresh connectors learn per-dimension feature statistics first.
+    """
+
+    train: list[str] = field(default_factory=list)
+    features: str = ""
+    eval: list[str] = field(default_factory=list)
     max_length: int = 2048
-    max_tiles: int | None = 4096  # tile cap per slide; the seeded sampler is shared with inference
+    max_tiles: int | None = 4096
     tile_sample_seed: int = 0
-    prompt_format: Literal["auto", "chat", "plain"] = "auto"  # auto: plain for align, chat for instruct
-    pack_by_slide: bool = True  # all questions about one slide in one sequence
-    # With packing: every merged record sees the slide but not the others' turns (independent questions).
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    pack_by_slide: bool = True
     isolate_records: bool = False
-    # Split a slide's records into packs of at most this many (None: one pack per slide). Shorter
-    # sequences train faster: attention grows with the square of the length.
     pack_max_records: int | None = None
     system_prompt: str | None = None
-    skip_invalid: bool = False  # count and leave out bad records instead of failing
-    standardize_features: bool = True  # fresh connectors learn per-dimension feature statistics first
+    skip_invalid: bool = False
+    standardize_features: bool = True
 
 
 @dataclass
 class LoraConfigSpec:
+    """lora: LoRA adapters on the language model (instruct only).
+
+    Attributes:
+        enabled: train LoRA adapters instead of the full language model.
+        r: adapter rank.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt (null: chosen from the architecture).
+    """
+
     enabled: bool = False
     r: int = 16
     alpha: int = 32
@@ -85,9 +118,36 @@ class LoraConfigSpec:
 
 @dataclass
 class TrainingConfig:
+    """training: the optimisation loop (transformers Trainer settings).
+
+    Attributes:
+        epochs: passes over the data (fractions allowed).
+        max_steps: stop after this many optimizer steps (-1: run the epochs).
+        batch_size: sequences per device per step.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the steps spent warming up.
+        lr_scheduler: transformers scheduler name (cosine, linear, constant, …).
+        max_grad_norm: gradient clipping norm.
+        seed: data order and dropout seed.
+        gradient_checkpointing: trade compute for activation memory in the language model.
+        deepspeed: a DeepSpeed JSON (train/deepspeed/*.json).
+        precision: auto: bf16 on GPU, fp32 on CPU.
+        logging_steps: steps between loss logs.
+        save_steps: steps between checkpoints (0: only the final one).
+        save_total_limit: complete checkpoints kept (the newest complete one is never deleted).
+        report_to: logging integrations (tensorboard, …; [] for none).
+        resume: auto (latest checkpoint in output_dir), never, or a checkpoint folder.
+        dataloader_workers: data loading processes.
+        group_by_length: batch sequences of similar length together.
+        use_cpu: force the CPU even where a GPU is visible.
+        progress: show a progress bar.
+    """
+
     epochs: float = 1.0
     max_steps: int = -1
-    batch_size: int = 4  # per device
+    batch_size: int = 4
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -96,22 +156,31 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
-    deepspeed: str | None = None  # a DeepSpeed JSON (train/deepspeed/*.json)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed: str | None = None
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    resume: str = "auto"  # auto (latest checkpoint in output_dir), never, or a checkpoint folder
+    resume: str = "auto"
     dataloader_workers: int = 0
     group_by_length: bool = True
-    use_cpu: bool = False  # force the CPU even where a GPU is visible
+    use_cpu: bool = False
     progress: bool = True
 
 
 @dataclass
 class StageConfig:
-    """One training stage. ``stage`` decides what trains (see ``trainable.select_trainable``)."""
+    """One training stage: the YAML's top level.
+
+    Attributes:
+        stage: what trains (see ``trainable.select_trainable``): align (connector) or instruct.
+        output_dir: checkpoints, the resolved config and logs go here.
+        model: what to build.
+        data: conversations and features.
+        lora: LoRA adapters.
+        training: the optimisation loop.
+    """
 
     stage: Literal["align", "instruct"] = "align"
     output_dir: str = "runs/pathchat"
@@ -138,155 +207,37 @@ class StageConfig:
         return dataclasses.asdict(self)
 
 
-# ------------------------------------------------------------------------------------ conversion
+# ------------------------------------------------------------------------------------------ loading
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def stage_parser() -> ArgumentParser:
+    """`--config FILE.yaml` plus one dotted flag per key (`--training.learning_rate`), typed from the dataclasses."""
+    parser = new_parser("pathchat train", "A training stage from a YAML file and dotted overrides.")
+    parser.add_argument("--config", action=ActionConfigFile, help="stage YAML (train/*.yaml)")
+    parser.add_class_arguments(StageConfig, nested_key=None, fail_untyped=False)
+    return parser
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    """Check/coerce a YAML value to a dataclass field type; raise ConfigError naming the key."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _from_dict(hint, value, key)
-    if origin is list:
-        if isinstance(value, (str, os.PathLike)) and args and args[0] is str:
-            return [str(value)]  # one file given where a list is accepted
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    return float(value)  # YAML reads "1e-3" as a string
-                except ValueError:
-                    pass
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
+def load_stage_config(path: str | os.PathLike[str] | None = None,
+                      overrides: Sequence[str] | dict[str, Any] | None = None) -> StageConfig:
+    """YAML file (None: all defaults) + overrides -> a checked ``StageConfig``.
 
-
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f"in {prefix!r} " if prefix else ""
-        raise ConfigError(f"unknown key(s) {unknown} {where}(valid: {names})")
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
-
-
-def stage_config_from_dict(data: dict[str, Any]) -> StageConfig:
-    cfg = _from_dict(StageConfig, data)
-    assert isinstance(cfg, StageConfig)
-    return cfg
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (``training.learning_rate=1e-4`` or ``["--training.learning_rate", "1e-4"]``)."""
-    pairs: list[tuple[str, Any]] = []
-    if isinstance(overrides, dict):
-        pairs = list(overrides.items())
-    else:
-        items = list(overrides)
-        i = 0
-        while i < len(items):
-            tok = items[i]
-            if not tok.startswith("--") and "=" not in tok:
-                raise ConfigError(f"override {tok!r}: expected --dotted.key VALUE or dotted.key=VALUE")
-            key = tok[2:] if tok.startswith("--") else tok
-            if "=" in key:
-                key, raw = key.split("=", 1)
-                i += 1
-            else:
-                if i + 1 >= len(items):
-                    raise ConfigError(f"override {tok!r} has no value")
-                raw = items[i + 1]
-                i += 2
-            pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
-    out = _deepcopy(data)
-    for key, value in pairs:
-        parts = key.split(".")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
-def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
-    return yaml.safe_load(yaml.safe_dump(d)) if d else {}
-
-
-def load_stage_config(path: str | os.PathLike[str] | None, overrides: list[str] | dict[str, Any] | None = None
-                      ) -> StageConfig:
-    """YAML file (None: all defaults) + overrides → a checked ``StageConfig``.
+    Args:
+        path: a stage YAML.
+        overrides: flags (``["--training.learning_rate", "1e-4"]``) or a mapping of dotted keys
+            (``{"training.learning_rate": 1e-4}``); they override the file.
+    Raises:
+        ConfigError: unknown key (naming the file or the flag, and the valid keys), a value of the wrong
+            type, a missing file, or settings that contradict each other.
 
     Relative paths inside the YAML (data files, features, DeepSpeed JSON, init_from, output_dir)
     stay relative to the working directory, as with every other command.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-        data = loaded or {}
-    data = apply_overrides(data, overrides or [])
-    try:
-        return stage_config_from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    argv = (["--config", str(path)] if path is not None else []) + dotted_flags(overrides)
+    parser = stage_parser()
+    values = parse_or_raise(parser, argv)
+    config = build_sectioned(StageConfig, values, parser)
+    assert isinstance(config, StageConfig)
+    return config

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from shared_data import TEXT
 
 from data_recipes.slideinstruction import (
     SlideInstructionConfig,
@@ -21,8 +22,7 @@ from pathchat.features.importers import read_feature_file
 from pathchat.features.store import read_features_h5
 from pathchat.model.conversation import messages_from_record
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "slideinstruction" / \
-    "train_data_example.json"
+EXAMPLE = TEXT / "slideinstruction" / "train_data_example.json"
 SLIDES = ["TCGA-A7-A0CJ-01Z-00-DX2", "TCGA-AR-A255-01Z-00-DX1", "TCGA-A7-A6VV-01Z-00-DX2"]
 
 

@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from shared_data import TEXT
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = REPO.parent / "shared" / "data" / "text"
 SLIDEBENCH = TEXT / "slidebench" / "slidebench_vqa_tcga_1494.json"
 WSI_VQA_TEST = TEXT / "wsi-vqa" / "WsiVQA_test.json"
 WSI_VQA_TRAIN = TEXT / "wsi-vqa" / "WsiVQA_train.json"

@@ -13,7 +13,7 @@ import yaml
 from eval_fixtures import N_QUESTIONS, REPO, SLIDEBENCH
 
 from pathchat.cli import main
-from pathchat.evaluation.runner import build_config, dry_run, option_order, slide_derangement
+from pathchat.evaluation.runner import option_order, slide_derangement
 from pathchat.evaluation.tasks import Question, load_task, write_questions_jsonl
 from pathchat.utils.atomic import read_jsonl
 
@@ -188,16 +188,23 @@ def test_derangement_and_option_orders_are_fixed_and_valid() -> None:
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "eval").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_eval_config_loads(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_shipped_eval_config_loads(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(REPO)
-    shipped_data = yaml.safe_load(config.read_text())["data"]
-    cfg = build_config(config, out=str(tmp_path), data=None if shipped_data else "given.jsonl")
-    assert cfg.task in {"slidebench", "wsi-vqa", "pathvqa", "report", "synthetic"}
-    if shipped_data:
-        assert dry_run(cfg)["questions"] > 0
+    shipped = yaml.safe_load(config.read_text())
+    if shipped["data"]:
+        assert _eval("--config", config, "--dry-run") == 0
+        counts = json.loads(capsys.readouterr().out)
+        assert counts["task"] == shipped["task"] and counts["questions"] > 0
     else:
-        with pytest.raises(ValueError, match="--data is required"):
-            build_config(config, out=str(tmp_path))
+        assert _eval("--config", config, "--dry-run") == 1
+        assert "--data is required (or set data in the --config file)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # every key of the file is a typed setting; a flag overrides the file
+        main(["eval", "--config", str(config), "--data", "given.jsonl", "--seed", "7", "--print_config"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["seed"] == 7 and resolved["data"] == "given.jsonl"
+    assert {k: resolved[k] for k in shipped if k not in ("seed", "data")} == \
+        {k: v for k, v in shipped.items() if k not in ("seed", "data")}
 
 
 def test_zeroed_control_shows_a_blank_slide(tiny_checkpoint: Path, slidebench_features: Path, tmp_path: Path,

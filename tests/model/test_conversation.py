@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_data import TEXT
 
 from pathchat.model.conversation import (
     IGNORE_INDEX,
@@ -21,7 +22,7 @@ from pathchat.model.conversation import (
 )
 from pathchat.model.tokenizers import build_test_tokenizer
 
-SLIDECHAT_EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "slideinstruction" / "train_data_example.json"
+SLIDECHAT_EXAMPLE = TEXT / "slideinstruction" / "train_data_example.json"
 K = 8
 
 QA = [

@@ -34,14 +34,21 @@ def test_stage_yaml_loads(path):
 
 def test_dotted_overrides_are_typed_and_checked():
     cfg = load_stage_config(ROOT / "train" / "instruct_lora.yaml",
-                            ["--training.learning_rate", "1e-4", "--lora.r", "8", "data.max_tiles=null"])
+                            ["--training.learning_rate", "1e-4", "--lora.r", "8", "--data.max_tiles=null"])
     assert cfg.training.learning_rate == 1e-4 and cfg.lora.r == 8 and cfg.data.max_tiles is None
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lr'\] in 'training'"):
+    assert cfg.lora.enabled is True and cfg.stage == "instruct"  # the rest still comes from the file
+    mapping = load_stage_config(None, {"training.learning_rate": 2e-4, "data.train": ["a.jsonl"],
+                                       "model.connector": {"type": "mlp"}, "data.max_tiles": None})
+    assert (mapping.training.learning_rate, mapping.data.train, mapping.model.connector, mapping.data.max_tiles) == \
+        (2e-4, ["a.jsonl"], {"type": "mlp"}, None)
+    with pytest.raises(ConfigError, match=r"flag --training.lr: unknown key 'training.lr' \(valid in 'training': "):
         load_stage_config(ROOT / "train" / "align.yaml", ["--training.lr", "1"])
-    with pytest.raises(ConfigError, match="training.batch_size: expected an integer"):
+    with pytest.raises(ConfigError, match="invalid value for training.batch_size: expected int, got 'many'"):
         load_stage_config(ROOT / "train" / "align.yaml", ["--training.batch_size", "many"])
     with pytest.raises(ConfigError, match="lora.enabled must be false"):
         load_stage_config(ROOT / "train" / "align.yaml", ["--lora.enabled", "true"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_stage_config(ROOT / "train" / "missing.yaml")
 
 
 @pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)

@@ -86,11 +86,11 @@ def test_two_processes_with_torchrun(toy, tmp_path):
     cfg = tmp_path / "two.yaml"
     import yaml
 
-    from pathchat.training.config import apply_overrides
+    from pathchat.training.config import load_stage_config
 
-    cfg.write_text(yaml.safe_dump(apply_overrides({}, stage_overrides(
+    cfg.write_text(yaml.safe_dump(load_stage_config(None, stage_overrides(
         toy, "instruct", tmp_path / "two", **{"training.deepspeed": str(DS / "zero2.json"),
-                                               "training.max_steps": 3}))))
+                                               "training.max_steps": 3})).to_dict()))
     import socket
 
     with socket.socket() as sock:
