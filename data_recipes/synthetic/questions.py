@@ -9,7 +9,7 @@ paraphrases, so stage 1 cannot learn the slide from the sentence shape alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,9 +136,10 @@ def _closed(category: str, question: str, correct: str, distractors: Sequence[st
     return QAItem(category, question, tuple(options), pos, correct)
 
 
-def _wording(category: str, rng: np.random.Generator, **fmt: str) -> str:
-    wordings = QUESTION_TYPES[category].wordings
-    return wordings[int(rng.integers(len(wordings)))].format(**fmt)
+def _wording(category: str, rng: np.random.Generator, wordings: Mapping[str, Sequence[str]] | None = None,
+             **fmt: str) -> str:
+    choices = QUESTION_TYPES[category].wordings if wordings is None else wordings[category]
+    return choices[int(rng.integers(len(choices)))].format(**fmt)
 
 
 def join_names(names: Sequence[str]) -> str:
@@ -149,13 +150,16 @@ def join_names(names: Sequence[str]) -> str:
 
 def slide_questions(truth: SlideTruth, rng: np.random.Generator, balancer: LetterBalancer,
                     max_per_type: int = 2, open_questions: int | None = 2,
-                    only: Sequence[str] | None = None) -> list[QAItem]:
+                    only: Sequence[str] | None = None,
+                    wordings: Mapping[str, Sequence[str]] | None = None) -> list[QAItem]:
     """Closed questions of every applicable type plus open ones, in a shuffled order.
 
     Args:
         max_per_type: presence and location are asked about up to this many different classes.
         open_questions: how many open questions (drawn among the open types); None asks all of them.
         only: ask only these closed categories and no open question (None: everything).
+        wordings: phrasings per category (None: each type's own `QuestionType.wordings`); the same
+            random draws either way, so the default gives the dataset's questions unchanged.
     """
     name = CLASS_NAMES
     present = list(truth.present)
@@ -168,34 +172,34 @@ def slide_questions(truth: SlideTruth, rng: np.random.Generator, balancer: Lette
 
     if asked("presence"):
         for c in rng.permutation(np.array(present, dtype=object))[:max_per_type]:
-            items.append(_closed("presence", _wording("presence", rng), name[str(c)], absent, rng, balancer))
+            items.append(_closed("presence", _wording("presence", rng, wordings), name[str(c)], absent, rng, balancer))
     if asked("dominant"):
         others = [name[c] for c in present if c != truth.dominant] + absent
-        items.append(_closed("dominant", _wording("dominant", rng), name[truth.dominant], others, rng, balancer))
+        items.append(_closed("dominant", _wording("dominant", rng, wordings), name[truth.dominant], others, rng, balancer))
     if asked("location"):
         for c in rng.permutation(np.array(located, dtype=object))[:max_per_type]:
             where = truth.unique_location(str(c)) or ""
             wrong = [q for q in QUADRANTS if q != where]
-            items.append(_closed("location", _wording("location", rng, cls=name[str(c)]), where, wrong, rng,
+            items.append(_closed("location", _wording("location", rng, wordings, cls=name[str(c)]), where, wrong, rng,
                                  balancer))
     count = str(truth.region_count)
     if asked("region_count"):
-        items.append(_closed("region_count", _wording("region_count", rng), count,
+        items.append(_closed("region_count", _wording("region_count", rng, wordings), count,
                              [o for o in REGION_COUNT_OPTIONS if o != count], rng, balancer))
     if asked("tissue_amount"):
-        items.append(_closed("tissue_amount", _wording("tissue_amount", rng), truth.amount,
+        items.append(_closed("tissue_amount", _wording("tissue_amount", rng, wordings), truth.amount,
                              [a for a in AMOUNTS if a != truth.amount], rng, balancer))
     if only is not None:
         return [items[i] for i in rng.permutation(len(items))]
 
-    opens = [QAItem("presence_open", _wording("presence_open", rng), None, None,
+    opens = [QAItem("presence_open", _wording("presence_open", rng, wordings), None, None,
                     join_names([name[c] for c in present])),
-             QAItem("dominant_open", _wording("dominant_open", rng), None, None, name[truth.dominant]),
-             QAItem("region_count_open", _wording("region_count_open", rng), None, None, count),
-             QAItem("tissue_amount_open", _wording("tissue_amount_open", rng), None, None, truth.amount)]
+             QAItem("dominant_open", _wording("dominant_open", rng, wordings), None, None, name[truth.dominant]),
+             QAItem("region_count_open", _wording("region_count_open", rng, wordings), None, None, count),
+             QAItem("tissue_amount_open", _wording("tissue_amount_open", rng, wordings), None, None, truth.amount)]
     if located:
         c = str(located[int(rng.integers(len(located)))])
-        opens.append(QAItem("location_open", _wording("location_open", rng, cls=name[c]), None, None,
+        opens.append(QAItem("location_open", _wording("location_open", rng, wordings, cls=name[c]), None, None,
                             truth.unique_location(c) or ""))
     order = rng.permutation(len(opens))
     items += [opens[i] for i in (order if open_questions is None else order[:open_questions])]

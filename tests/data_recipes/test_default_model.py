@@ -1,0 +1,134 @@
+"""The built-in model's recipe: its training records, the held-out wordings kept out of them, the
+report scorer, and the general-chat prompts (no training here; the scores are in the recipe's JSON line)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_recipes.synthetic.default_model import (
+    DefaultModelConfig,
+    parse_report,
+    reworded_questions,
+    score_reports,
+    training_records,
+    truth_from_dict,
+)
+from data_recipes.synthetic.general_chat import GENERAL_EVAL, REHEARSAL_PROMPTS, passes
+from data_recipes.synthetic.layout import AMOUNTS, QUADRANTS, RECIPE_CLASSES
+from data_recipes.synthetic.reworded import REWORDED_WORDINGS
+from data_recipes.synthetic.truth import RegionTruth, SlideTruth
+from data_recipes.synthetic.wordings import REPORT_TEMPLATES, TRAIN_WORDINGS, training_report
+
+RECIPES = Path(__file__).resolve().parents[2] / "data_recipes" / "synthetic"
+
+
+def _truths(n: int, seed: int = 0) -> list[SlideTruth]:
+    """Random slide truths: 1-4 regions in distinct quadrants, a strict dominant class."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k = int(rng.integers(1, 5))
+        quads = [QUADRANTS[q] for q in sorted(rng.permutation(4)[:k])]
+        types = [str(c) for c in rng.choice(RECIPE_CLASSES, 3, replace=False)]  # as the layouts: <= 3 types
+        classes = [str(rng.choice(types)) for _ in range(k)]
+        sizes = [int(s) for s in rng.integers(3, 9, size=k)]
+        sizes[0] += 20  # the first region's class dominates
+        counts: dict[str, int] = {}
+        for c, s in zip(classes, sizes, strict=True):
+            counts[c] = counts.get(c, 0) + s
+        out.append(SlideTruth(f"synth-train-{i:04d}", sum(sizes),
+                              tuple(RegionTruth(c, q, s) for c, q, s in zip(classes, quads, sizes, strict=True)),
+                              {c: counts[c] for c in RECIPE_CLASSES if c in counts}, classes[0],
+                              str(rng.choice(AMOUNTS)), (), True))
+    return out
+
+
+def _texts(records: list[dict]) -> list[str]:
+    return [turn["value"] for r in records for turn in r["conversations"]]
+
+
+def test_reworded_wordings_never_occur_in_training_records():
+    truths = _truths(60)
+    cfg = DefaultModelConfig(instruct_rounds=2, align_rounds=2, rehearsal_per_round=4)
+    records = training_records(truths, cfg, {p: "An answer." for p in REHEARSAL_PROMPTS})
+    texts = "\n".join(_texts(records["align"]) + _texts(records["instruct"])).lower()
+    names = sorted({c for t in truths for c in t.present})
+    for category, wordings in REWORDED_WORDINGS.items():
+        assert wordings, category
+        for w in wordings:
+            for cls in names if "{cls}" in w else [""]:
+                sentence = w.format(cls=cls).lower()
+                assert sentence not in texts, f"{category}: {sentence!r} is in the training data"
+    # by construction too: no training wording is a held-out one, and training code never imports them
+    assert not set(w for ws in REWORDED_WORDINGS.values() for w in ws) & set(w for ws in TRAIN_WORDINGS.values()
+                                                                            for w in ws)
+    for module in ("wordings.py", "build.py", "questions.py", "general_chat.py"):
+        tree = ast.parse((RECIPES / module).read_text())
+        imported = {getattr(n, "module", None) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "data_recipes.synthetic.reworded" not in imported, module
+    # every closed type has held-out wordings, and the held-out rows use them
+    assert set(REWORDED_WORDINGS) == {"presence", "dominant", "location", "region_count", "tissue_amount"}
+    rows = reworded_questions(truths[:20], seed=0)
+    held = {w.split("{cls}")[0] for ws in REWORDED_WORDINGS.values() for w in ws}
+    assert rows and all(any(r["question"].startswith(h) for h in held) for r in rows)
+    assert {r["category"] for r in rows} == set(REWORDED_WORDINGS)
+
+
+def test_training_records_use_many_wordings_and_are_deterministic():
+    truths = _truths(40)
+    cfg = DefaultModelConfig(instruct_rounds=2, align_rounds=2, rehearsal_per_round=0)
+    a = training_records(truths, cfg)
+    assert a == training_records(truths, cfg)
+    assert len(a["align"]) == 2 * len(truths)
+    questions = {r["conversations"][0]["value"].split("\n")[1] for r in a["instruct"]}
+    # at least 6 phrasings of the dominant-class question reach the training data
+    assert len(questions & set(TRAIN_WORDINGS["dominant"])) >= 6
+    reports = {r["conversations"][1]["value"] for r in a["align"]}
+    assert len(reports) > len(truths)  # two phrasings of most slides' reports
+
+
+@pytest.mark.parametrize("variant", range(len(REPORT_TEMPLATES)))
+def test_every_report_phrasing_parses_to_its_truth(variant):
+    for truth in _truths(30, seed=variant):
+        parsed = parse_report(training_report(truth, variant))
+        assert parsed["classes"] == sorted(truth.present)
+        assert parsed["count"] == truth.region_count
+        assert parsed["amount"] == truth.amount
+        assert len(parsed["regions"]) == truth.region_count
+        assert parsed["contradictions"] == []
+
+
+def test_report_scores_count_a_self_contradiction_as_wrong():
+    truths = _truths(3)
+    by_id = {t.slide_id: t for t in truths}
+    good = {t.slide_id: training_report(t, 0) for t in truths}
+    s = score_reports(good, by_id)
+    assert (s["class_precision"], s["class_recall"], s["count_accuracy"], s["amount_accuracy"]) == (1, 1, 1, 1)
+    t = truths[0]
+    regions = " and ".join(f"{r.tissue_class} in the {r.quadrant}" for r in t.regions)
+    wrong_count = t.region_count % 4 + 1
+    bad = {t.slide_id: f"{['One', 'Two', 'Three', 'Four'][t.region_count - 1]} separate tissue regions: "
+                       f"{regions}, tumor in the nowhere. {['One', 'Two', 'Three', 'Four'][wrong_count - 1]} "
+                       f"regions. The amount of tissue is {t.amount}."}
+    s = score_reports(bad, by_id)
+    assert s["count_accuracy"] == 0.0 and s["contradiction_rate"] == 1.0
+
+
+def test_truth_from_dict_round_trip():
+    t = _truths(1)[0]
+    back = truth_from_dict(json.loads(json.dumps(t.to_dict())))
+    assert back.regions == t.regions and back.class_tiles == t.class_tiles and back.amount == t.amount
+
+
+def test_general_prompts_are_twenty_with_keywords_and_apart_from_rehearsal():
+    assert len(GENERAL_EVAL) == 20
+    assert not {g.prompt for g in GENERAL_EVAL} & set(REHEARSAL_PROMPTS)
+    g = GENERAL_EVAL[0]
+    assert passes(g, "2 + 2 = 4.") and not passes(g, "The slide shows stroma.")
+    decline = next(x for x in GENERAL_EVAL if "steal" in x.prompt)
+    assert passes(decline, "I'm sorry, I can't help with that.") and not passes(decline, "First, find a car.")
