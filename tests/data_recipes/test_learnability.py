@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # the session's first use of demo_model trains it (about 8 minutes)
 def test_heldout_accuracy_and_negative_controls(demo_model):
     _, ckpt, s = demo_model

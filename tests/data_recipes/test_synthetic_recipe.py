@@ -125,6 +125,7 @@ def _parse_closed(user_text: str) -> tuple[str, list[str]]:
 # ------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_build_writes_every_file_with_consistent_counts(built: Path) -> None:
     summary = json.loads((built / "dataset.json").read_text())
     rows = {name: _read_jsonl(built / f"{name}.jsonl") for name in JSONL}
@@ -171,6 +172,7 @@ def test_build_writes_every_file_with_consistent_counts(built: Path) -> None:
     assert all(len(r["conversations"]) == 2 for r in rows["instruct"] if not r["meta"].get("dialogue"))
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files_and_features(built: Path, tmp_path: Path) -> None:
     again = build_dataset(tmp_path / "again", CFG, workers=2, progress=False, probe=False).out
     for name in JSONL:
@@ -187,6 +189,7 @@ def test_same_seed_gives_identical_files_and_features(built: Path, tmp_path: Pat
     assert [lay.regions for lay in layouts_a["train"]] != [lay.regions for lay in layouts_b["train"]]
 
 
+@pytest.mark.slow
 def test_heldout_slides_are_disjoint_from_training(built: Path) -> None:
     train = {r["slide"] for r in _read_jsonl(built / "instruct.jsonl")}
     held = {r["slide"] for r in _read_jsonl(built / "heldout.jsonl")}
@@ -201,6 +204,7 @@ def test_heldout_slides_are_disjoint_from_training(built: Path) -> None:
         assert not any(f.shape == t.shape and np.array_equal(f, t) for t in train_feats)
 
 
+@pytest.mark.slow
 def test_answers_follow_from_the_kept_tiles(built: Path) -> None:
     geometry = CFG.geometry
     layouts = {lay.slide_id: lay for split in draw_layouts(CFG).values() for lay in split}
@@ -244,6 +248,7 @@ def test_answers_follow_from_the_kept_tiles(built: Path) -> None:
             assert f"{CLASS_NAMES[region['tissue_class']]} in the {region['quadrant']}" in report
 
 
+@pytest.mark.slow
 def test_heldout_questions_follow_the_contract(built: Path) -> None:
     rows = _read_jsonl(built / "heldout_questions.jsonl")
     assert len({r["id"] for r in rows}) == len(rows)
@@ -333,6 +338,7 @@ def test_truth_follows_the_tiles_not_the_drawing() -> None:
         slide_truth(lay, geometry, np.zeros((0, 2), np.int64))
 
 
+@pytest.mark.slow
 def test_linear_probe_reads_tile_classes(built: Path) -> None:
     probe = json.loads((built / "dataset.json").read_text())["probe"]
     assert probe["heldout_tiles"] > 0 and probe["train_tiles"] > probe["heldout_tiles"]
@@ -343,6 +349,7 @@ def test_linear_probe_reads_tile_classes(built: Path) -> None:
     assert probe["majority_class_baseline"] < 0.9
 
 
+@pytest.mark.slow
 def test_every_closed_type_is_answerable_from_tile_classes_and_coords(built: Path) -> None:
     """The rule-based reader answers from exactly what the model gets: right labels -> all right,
     wrong labels -> content questions wrong."""
@@ -364,6 +371,7 @@ def test_every_closed_type_is_answerable_from_tile_classes_and_coords(built: Pat
     assert wrong["dominant"] == 0.0 and wrong["region_count"] == 1.0
 
 
+@pytest.mark.slow
 def test_cli_refuses_another_config_in_the_same_folder(built: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (built / "instruct.jsonl").read_bytes()
     assert main(["build", "--out", str(built), "--train", str(CFG.train + 1), "--heldout", str(CFG.heldout),

@@ -85,6 +85,7 @@ def test_registry_lists_every_documented_encoder():
     assert {s.name for s in list_encoders() if s.gated} == GATED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DOCUMENTED))
 def test_every_architecture_builds_and_runs_with_random_weights(name):
     hub_id, dim, resize, crop, (mean, std), interpolation, precision, tile_px, params_m = DOCUMENTED[name]

@@ -36,6 +36,7 @@ def _features(job: Path, slide_id: str, folder: str = FOLDER):
     return read_features_h5(job / folder / f"features_{ENCODER}" / f"{slide_id}.h5")
 
 
+@pytest.mark.slow
 def test_extract_real_slides_writes_features_for_every_readable_one(tmp_path, capsys):
     job = tmp_path / "job"
     code = main(["extract", str(SLIDES), "--out", str(job), "--encoder", ENCODER, "--no-progress",
@@ -120,6 +121,7 @@ def test_encoding_a_slide_closes_it(tmp_path):
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_job_and_do_each_slide_once(tmp_path):
     _synthetic_slides(tmp_path / "slides", 6)
     job = tmp_path / "job"
@@ -158,6 +160,7 @@ def test_stale_locks_are_taken_over_dead_and_reused_pids_alike(tmp_path):
         assert (job / FOLDER / f"features_{ENCODER}" / f"{slide}.h5").is_file()
 
 
+@pytest.mark.slow
 def test_second_magnification_is_stored_beside_the_first(tmp_path):
     _synthetic_slides(tmp_path / "slides", 1)
     job = tmp_path / "job"

@@ -6,9 +6,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_generation.py"
 
 
+@pytest.mark.slow
 def test_generation_bench_small_run(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_generation", BENCH)
     assert spec is not None and spec.loader is not None

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_training.py"
 
 
@@ -35,6 +37,7 @@ def test_make_data_writes_one_question_records(tmp_path):
     assert len(list(data["features"].glob("*.h5"))) == 4  # train + held-out slides
 
 
+@pytest.mark.slow
 def test_training_bench_small_run(tmp_path):
     bench = _load_bench()
     out = tmp_path / "training.json"

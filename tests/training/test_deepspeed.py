@@ -19,6 +19,8 @@ from toy_data import stage_overrides
 
 from pathchat.model.pretrained import checkpoint_kind, load_pathchat
 
+pytestmark = pytest.mark.slow  # every test here trains or runs for more than a few seconds
+
 ROOT = Path(__file__).resolve().parents[2]
 DS = ROOT / "train" / "deepspeed"
 RUNNER = Path(__file__).with_name("ds_run.py")

@@ -45,6 +45,7 @@ def test_trainable_sets_per_stage_are_exact(toy, tmp_path):
         select_trainable(model, "align", lora=True)
 
 
+@pytest.mark.slow
 def test_align_then_instruct_lora_saves_loadable_checkpoints(toy, tmp_path):
     r1 = train_stage(_cfg(toy, "align", tmp_path / "align"))
     assert r1.global_step == 6 and len(r1.losses) == 6
@@ -86,6 +87,7 @@ class _StopAt(TrainerCallback):
             raise KeyboardInterrupt(f"killed after saving step {self.step}")
 
 
+@pytest.mark.slow
 def test_resume_reproduces_losses_and_skips_incomplete_checkpoints(toy, tmp_path):
     extra = {"training.max_steps": 8}
     full = train_stage(_cfg(toy, "instruct", tmp_path / "full", **extra))
@@ -114,6 +116,7 @@ class _Poison(TrainerCallback):
                 next(model.connector.parameters()).fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_sample_ids(toy, tmp_path):
     with pytest.raises(NonFiniteLossError) as err:
         train_stage(_cfg(toy, "align", tmp_path / "nan"), callbacks=[_Poison()])
@@ -130,6 +133,7 @@ def test_missing_features_error_names_slide_and_record(toy, tmp_path):
         train_stage(_cfg(toy, "align", tmp_path / "o", **{"data.train": [str(bad)]}))
 
 
+@pytest.mark.slow
 def test_isolated_packing_trains_and_changes_what_each_answer_sees(toy, tmp_path):
     # Two records per slide (its question record and its report record), packed into one sequence.
     both = {"data.train": [str(toy["instruct"]), str(toy["align"])], "training.max_steps": 4,

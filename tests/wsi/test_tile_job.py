@@ -54,6 +54,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 def test_cli_tiles_every_readable_slide_and_reports_every_bad_one(tmp_path, capsys):
     job = tmp_path / "job"
     code = main(["tile", str(SLIDES), "--out", str(job), "--no-progress"])
@@ -123,6 +124,7 @@ def _synthetic_slides(folder: Path, n: int, **kw) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_resume_checks_checksums_and_fingerprints_not_existence(tmp_path):
     slides = _synthetic_slides(tmp_path / "slides", 3)
     job = tmp_path / "job"
@@ -164,6 +166,7 @@ def _final_files_are_whole(job: Path) -> None:
             json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_a_job_killed_at_any_moment_loses_and_duplicates_nothing(tmp_path):
     _synthetic_slides(tmp_path / "slides", 8)
     job = tmp_path / "job"
@@ -216,6 +219,7 @@ def test_a_hanging_crashing_or_raising_slide_fails_alone(tmp_path):
     assert sorted(p.name for p in (tmp_path / "job" / "out").iterdir()) == ["a_ok.txt", "e_ok.txt"]
 
 
+@pytest.mark.slow
 def test_planted_identifiers_never_reach_outputs_or_logs(tmp_path):
     marker = "PHI-7f3a-DOE-JANE"
     spec = SyntheticSlideSpec(2048, 2048, mpp=0.5, regions=(TissueRegion("tumor", 128, 128, 512, 512),),
@@ -269,6 +273,7 @@ def test_a_worker_that_cannot_start_stops_the_job_with_a_tool_error(tmp_path):
     assert read_jsonl(tmp_path / "job" / "failures.jsonl") == []  # not a slide failure
 
 
+@pytest.mark.slow
 def test_a_slide_another_live_process_holds_is_waited_for_never_skipped(tmp_path):
     """The lock's owner is alive (the right start time): the runner waits, then takes the slide over
     when the owner dies without finishing it; the slide is done, not counted as skipped."""
