@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOB ?= demo_job
 
-.PHONY: install test demo bench lint clean learnability
+.PHONY: install test test-fast demo bench lint clean learnability
 
 install: $(STAMP)
 
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml Makefile serve/package-lock.json
 	cd serve && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(STAMP)
 
+# Everything, as CI runs it; ends with the 15 slowest tests.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The developer's loop: every test not marked slow (no training, no demo model), under 2 minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 demo: install
 	$(PY) -m data_recipes.synthetic.demo --out $(JOB)
