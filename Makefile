@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOB ?= demo_job
 
-.PHONY: install test test-fast demo bench lint clean learnability
+.PHONY: install test test-fast demo bench lint clean learnability default-model
 
 install: $(STAMP)
 
@@ -40,6 +40,15 @@ LEARN_DIR ?= learnability
 learnability: install
 	rm -rf $(LEARN_DIR)
 	$(PY) -m data_recipes.synthetic.learn --out $(LEARN_DIR) --no-progress
+
+# The built-in model from scratch: SmolLM2-135M-Instruct + connector + LoRA on the synthetic recipe
+# (dataset -> align -> instruct -> held-out scores, one JSON line), then copied into
+# pathchat/assets/default_model/ (SHIP=0 keeps the shipped one). data_recipes/synthetic/README.md has the timings.
+DEFAULT_MODEL_DIR ?= runs/default_model
+SHIP ?= 1
+default-model: install
+	rm -rf $(DEFAULT_MODEL_DIR)
+	$(PY) -m data_recipes.synthetic.default_model --out $(DEFAULT_MODEL_DIR) --no-progress $(if $(filter 1,$(SHIP)),--ship)
 
 bench: install
 	$(PY) bench/bench_tiling.py
