@@ -190,8 +190,9 @@ def build_app(settings: ServeSettings, pipeline: ChatPipeline, slides_dir: Path)
             paths = service.write_report(conv)
         except (ValueError, TimeoutError) as e:
             return None, str(e)
-        except ImportError:
-            return None, "The report writer is not installed in this version."
+        except Exception as e:  # noqa: BLE001 - the page says it failed; the traceback goes to the log
+            log.exception("report failed")
+            return None, f"The report could not be written ({type(e).__name__}); see the server log."
         files = [str(paths[k]) for k in ("markdown", "json", "heatmap", "evidence") if k in paths]
         return files, f"Report written ({len(files)} files)."
 

@@ -96,7 +96,7 @@ class FakePipeline:
         return FakeSession(self, slide, region)
 
 
-    def answer_batch(self, items, max_new_tokens: int = 64):
+    def answer_batch(self, items, max_new_tokens: int = 64, **generation):
         """Greedy batch answers as `Pipeline.answer_batch` gives them (the report path)."""
         out = []
         for slide, question in items:
