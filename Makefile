@@ -56,6 +56,7 @@ bench: install
 	$(PY) bench/bench_feature_loading.py
 	$(PY) bench/bench_connector.py
 	$(PY) bench/bench_generation.py
+	$(PY) bench/bench_default_model.py
 	$(PY) bench/bench_training.py
 
 lint: install
