@@ -68,3 +68,12 @@ def test_report_command_writes_the_report_files(pipe, slide_file: Path, tmp_path
     files = sorted(p.name for p in (tmp_path / "r").iterdir())
     assert files == sorted(f"{slide.slide_id}{s}" for s in (".json", ".md", ".heatmap.png", ".evidence.geojson"))
     assert RESEARCH_NOTICE in out.getvalue()
+
+
+def test_ask_is_repeatable_plain_text_on_the_command_line():
+    from pathchat.cli import verb_parser
+
+    parser, _ = verb_parser("chat")
+    ns = parser.parse_args(["slide.svs", "--ask", "Is there tumour: yes or no?", "--ask", "[1, 2]"])
+    assert ns.ask == ["Is there tumour: yes or no?", "[1, 2]"]  # never parsed as YAML
+    assert parser.parse_args(["slide.svs"]).ask is None
