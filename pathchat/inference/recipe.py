@@ -65,6 +65,7 @@ class FeatureRecipe:
     tile_px: int | None = None  # tile side at the target resolution, pixels
     overlap_px: int | None = None  # overlap between neighbouring tiles, pixels
     min_tissue: float | None = None  # minimum tissue share of a kept tile
+    edge_pixels: str | None = None  # fill of tile pixels past the slide edge ("black" as TRIDENT, or "white")
     tissue: dict[str, Any] | None = field(default=None, compare=False)  # tissue detection settings
 
     @property
@@ -103,6 +104,7 @@ class FeatureRecipe:
             tile_px=tile_px,
             overlap_px=_opt_int(attrs.get("overlap")),
             min_tissue=_opt_float(attrs.get("min_tissue")),
+            edge_pixels=str(attrs["edge_pixels"]) if attrs.get("edge_pixels") else None,
             tissue=_as_dict(attrs.get("tissue_params")),
         )
 
@@ -119,7 +121,8 @@ class FeatureRecipe:
     def mismatches(self, other: FeatureRecipe) -> list[str]:
         """The fields known in both recipes that differ (tolerance 1% for mpp)."""
         out = []
-        for name in ("encoder", "feature_dim", "encoder_fingerprint", "target_mpp", "tile_px", "overlap_px"):
+        for name in ("encoder", "feature_dim", "encoder_fingerprint", "target_mpp", "tile_px", "overlap_px",
+                     "edge_pixels"):
             a, b = getattr(self, name), getattr(other, name)
             if a is None or b is None:
                 continue
@@ -154,6 +157,8 @@ class FeatureRecipe:
             parts.append(f"tile={self.tile_px}px")
         if self.overlap_px is not None:
             parts.append(f"overlap={self.overlap_px}px")
+        if self.edge_pixels is not None:
+            parts.append(f"edge={self.edge_pixels}")
         if self.encoder_fingerprint:
             parts.append(f"weights={self.encoder_fingerprint[:12]}")
         return " ".join(parts)
@@ -176,7 +181,10 @@ class FeatureRecipe:
             tiling_kwargs["min_tissue"] = self.min_tissue
         known_tissue = {f.name for f in fields(TissueParams)}
         tissue = TissueParams(**{k: v for k, v in (self.tissue or {}).items() if k in known_tissue})
-        tile = TileJobConfig(tiling=TilingParams(**tiling_kwargs), tissue=tissue)
+        extra: dict[str, Any] = {}
+        if self.edge_pixels is not None and "edge_pixels" in {f.name for f in fields(TileJobConfig)}:
+            extra["edge_pixels"] = self.edge_pixels
+        tile = TileJobConfig(tiling=TilingParams(**tiling_kwargs), tissue=tissue, **extra)
         return ExtractJobConfig(encoder=self.encoder, tile=tile, pretrained=pretrained)
 
 
