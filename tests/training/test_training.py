@@ -72,6 +72,10 @@ def test_align_then_instruct_lora_saves_loadable_checkpoints(toy, tmp_path):
     assert checkpoint_kind(tmp_path / "inst") == "full"
     assert not any("lora_" in n for n, _ in model.named_parameters())
     assert (tmp_path / "inst" / "training_config.yaml").read_text().count("init_from") == 1
+    # both checkpoints record the feature recipe of the features they were trained on
+    for stage_dir in ("align", "inst"):
+        recipe = json.loads((tmp_path / stage_dir / "config.json").read_text())["feature_recipe"]
+        assert (recipe["encoder"], recipe["feature_dim"], recipe["target_mpp"]) == ("toy", 16, 0.5), stage_dir
     # the trained connector differs from stage 1's
     diff = sum(float((a - b).detach().abs().sum()) for a, b in zip(stage1.connector.parameters(),
                                                             model.connector.parameters(), strict=True))
