@@ -35,7 +35,8 @@ def load_pipeline(settings: ServeSettings) -> Any:
     """The inference pipeline for `settings.model` (None: the built-in model), features cached in the data folder."""
     from pathchat.inference import Pipeline
 
-    return Pipeline.from_pretrained(settings.model, device=settings.device)
+    return Pipeline.from_pretrained(settings.model, device=settings.device, feature_job=settings.features_dir,
+                                    max_new_tokens=settings.max_new_tokens)
 
 
 def serve(settings: ServeSettings, pipeline: Any = None) -> int:
@@ -83,7 +84,7 @@ def serve_cli(model: str | None = None, slides: str | None = None, host: str = "
         port: TCP port.
         auth_file: file of `user:password` lines; every route then needs HTTP Basic auth (default: $PATHCHAT_AUTH_FILE).
         share: open a public share link through Gradio's tunnel (needs --auth-file).
-        data_dir: uploads, reports and caches (default: $PATHCHAT_SERVE_DATA or ~/.local/share/pathchat/serve).
+        data_dir: uploads, reports, features and caches (default: $PATHCHAT_SERVE_DATA, else $PATHCHAT_CACHE/serve).
         concurrency: answers computed at once; later questions wait, then get a busy message.
         max_upload_mb: upload size limit in MiB (0 disables uploads).
         device: torch device of the model (cpu, cuda, cuda:1 ...).

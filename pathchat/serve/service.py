@@ -67,7 +67,7 @@ class Piece:
     text: str
     evidence: dict[str, Any] | None = None
     done: bool = False
-    kind: str = "answer"  # answer | busy | refusal | no_tissue
+    kind: str = "answer"  # answer | busy | refusal | no_tissue | error
 
 
 def _tile_l0_px(prepared: Any) -> float:
@@ -140,9 +140,14 @@ class ChatService:
                     conv.session = self.pipeline.session(conv.prepared)
                 session = conv.session
             text = ""
-            for delta in session.ask(question, stream=True):
-                text += delta
-                yield Piece(text)
+            try:
+                for delta in session.ask(question, stream=True):
+                    text += delta
+                    yield Piece(text)
+            except ValueError as e:  # e.g. the conversation outgrew the model's context
+                yield Piece(f"{text}\n\n[{e}] Open the slide again to start a new conversation.", done=True,
+                            kind="error")
+                return
             conv.turns += 1
             evidence = self.evidence(conv, session, text, region)
         finally:
@@ -158,8 +163,10 @@ class ChatService:
         except (RuntimeError, ValueError) as e:  # no relevance for this answer: show the answer anyway
             log.warning("no relevance map for the last answer: %s", e)
             return None
+        if session.tile_coords_l0 is None:  # features imported without coordinates: nothing to draw
+            return None
         coords = np.asarray(session.tile_coords_l0)
-        if len(scores) == 0 or len(coords) != len(scores):
+        if len(scores) == 0 or len(coords) != len(scores) or not float(scores.max()) > 0:
             return None
         return viewer_evidence(coords, _tile_l0_px(conv.prepared), scores, conv.viewer.l0_offset,
                                top_k=self.top_tiles, region=region, answer=answer)

@@ -25,12 +25,12 @@ class ServeSettingsError(ValueError):
 
 
 def default_data_dir() -> Path:
-    """``$PATHCHAT_SERVE_DATA``, else ``$XDG_DATA_HOME/pathchat/serve``, else ``~/.local/share/pathchat/serve``."""
+    """``$PATHCHAT_SERVE_DATA``, else the cache's ``serve/`` folder (``$PATHCHAT_CACHE/serve``, ``~/.cache/pathchat/serve``)."""
+    from pathchat.utils.cache import cache_dir
+
     if os.environ.get(DATA_DIR_ENV):
         return Path(os.environ[DATA_DIR_ENV]).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
-    return base / "pathchat" / "serve"
+    return cache_dir("serve")
 
 
 def is_loopback(host: str) -> bool:

@@ -44,9 +44,16 @@ class FakeSession:
         words = [f"Answer {self.turns}", " about", f" {len(self.tile_coords_l0)}", " tiles."]
 
         def gen():
-            for w in words:
-                time.sleep(self.pipe.delay_s)
-                yield w
+            with self.pipe.lock:
+                self.pipe.active += 1
+                self.pipe.max_active = max(self.pipe.max_active, self.pipe.active)
+            try:
+                for w in words:
+                    time.sleep(self.pipe.delay_s)
+                    yield w
+            finally:
+                with self.pipe.lock:
+                    self.pipe.active -= 1
         return gen() if stream else "".join(gen())
 
     def relevance(self) -> np.ndarray:
@@ -74,6 +81,8 @@ class FakePipeline:
         self.delay_s = delay_s
         self.model_calls = 0
         self.prepared = 0
+        self.active = 0  # answers being generated now
+        self.max_active = 0
         self.lock = threading.Lock()
 
     def prepare(self, path, progress=None) -> FakeSlide:
