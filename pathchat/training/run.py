@@ -28,6 +28,7 @@ from pathchat.training.checkpoints import (
 from pathchat.training.config import StageConfig
 from pathchat.training.trainable import select_trainable
 from pathchat.training.trainer import PathChatTrainer
+from pathchat.utils.checks import check_out_folder
 
 __all__ = ["RunAlreadyCompleteError", "TrainResult", "build_stage_model", "train_stage"]
 
@@ -158,66 +159,59 @@ def load_stage_records(cfg: StageConfig, files: Sequence[str]) -> tuple[list[Con
     return records, skipped.count
 
 
-def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
-    """Train one stage as configured and save the final checkpoint into ``cfg.output_dir``.
-
-    ``callbacks`` are transformers ``TrainerCallback`` objects (early stopping, custom logging).
-
-    Resume: with ``training.resume: auto`` a run restarts from the newest complete
-    ``checkpoint-N`` in the output folder (same data order, same later losses).
-    """
+def _check_stage_inputs(cfg: StageConfig) -> None:
+    """Fail before building anything when the config names no data, an output folder that is a file, a
+    model.init_from that is no checkpoint, or a missing DeepSpeed JSON."""
     if not cfg.data.train:
         raise ValueError("data.train names no conversation file")
     if not cfg.data.features:
         raise ValueError("data.features names no features folder")
-    t = cfg.training
-    use_cpu = t.use_cpu or not torch.cuda.is_available()
-    if t.deepspeed:
-        if not Path(t.deepspeed).is_file():
-            raise FileNotFoundError(f"DeepSpeed config not found: {t.deepspeed}")
+    check_out_folder(cfg.output_dir, "output_dir")
+    if cfg.model.init_from:  # a damaged stage-1 checkpoint is named now, not after the data are loaded
+        checkpoint_kind(cfg.model.init_from)
+    if cfg.training.deepspeed:
+        if not Path(cfg.training.deepspeed).is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {cfg.training.deepspeed}")
         ensure_distributed_env()
-    set_seed(t.seed)
 
-    model, tokenizer = build_stage_model(cfg)
-    if cfg.lora.enabled:
-        from pathchat.model.lora import apply_lora
 
-        apply_lora(model, cfg.lora.settings())
-    trainable = select_trainable(model, cfg.stage, lora=cfg.lora.enabled)
+def _datasets(cfg: StageConfig, records: list[ConversationRecord], store: SlideFeatureStore,
+              tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int
+              ) -> tuple[ConversationDataset, ConversationDataset | None]:
+    """The training dataset and the held-out one (``data.eval``; None without it), rendered alike."""
 
-    records, skipped = load_stage_records(cfg, cfg.data.train)
-    store = SlideFeatureStore(cfg.data.features, max_tiles=cfg.data.max_tiles, sample_seed=cfg.data.tile_sample_seed)
-    model.config.feature_recipe = training_feature_recipe(store, records)
-    k = model.config.num_slide_tokens
-    assert k is not None
-    dataset = ConversationDataset(records, store, tokenizer, k, max_length=cfg.data.max_length,
-                                  prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
-                                  system_prompt=cfg.data.system_prompt, skip_invalid=cfg.data.skip_invalid,
-                                  progress=t.progress, isolate_records=cfg.data.isolate_records)
-    eval_dataset = None
-    if cfg.data.eval:
-        eval_records, _ = load_stage_records(cfg, cfg.data.eval)
-        eval_dataset = ConversationDataset(eval_records, store, tokenizer, k, max_length=cfg.data.max_length,
-                                           prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
-                                           system_prompt=cfg.data.system_prompt,
-                                           skip_invalid=cfg.data.skip_invalid, progress=False,
-                                           isolate_records=cfg.data.isolate_records)
-    if cfg.data.standardize_features and not (cfg.stage == "instruct" and cfg.model.init_from):
-        # A fresh connector: its standardiser gets the training slides' statistics (stage 2 keeps
-        # stage 1's, which are part of the loaded weights).
-        from pathchat.model.connectors.base import set_feature_statistics
+    def render(rows: list[ConversationRecord], progress: bool) -> ConversationDataset:
+        return ConversationDataset(rows, store, tokenizer, num_slide_tokens, max_length=cfg.data.max_length,
+                                   prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
+                                   system_prompt=cfg.data.system_prompt, skip_invalid=cfg.data.skip_invalid,
+                                   progress=progress, isolate_records=cfg.data.isolate_records)
 
-        slides = [s.slide for s in dataset.samples if s.slide is not None]
-        mean, std = store.statistics(slides, seed=cfg.data.tile_sample_seed)
-        set_feature_statistics(model.connector, mean, std)
-        logger.info("feature statistics from %d slides: mean |x| %.4g, mean std %.4g", len(set(slides)),
-                    float(mean.abs().mean()), float(std.mean()))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    dataset = render(records, cfg.training.progress)
+    return dataset, (render(load_stage_records(cfg, cfg.data.eval)[0], False) if cfg.data.eval else None)
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _standardize_features(cfg: StageConfig, model: PathChatForConditionalGeneration, store: SlideFeatureStore,
+                          dataset: ConversationDataset) -> None:
+    """A fresh connector's standardiser gets the training slides' statistics (stage 2 keeps stage 1's,
+    which are part of the loaded weights)."""
+    if not cfg.data.standardize_features or (cfg.stage == "instruct" and cfg.model.init_from):
+        return
+    from pathchat.model.connectors.base import set_feature_statistics
+
+    slides = [s.slide for s in dataset.samples if s.slide is not None]
+    mean, std = store.statistics(slides, seed=cfg.data.tile_sample_seed)
+    set_feature_statistics(model.connector, mean, std)
+    logger.info("feature statistics from %d slides: mean |x| %.4g, mean std %.4g", len(set(slides)),
+                float(mean.abs().mean()), float(std.mean()))
+
+
+def _resume_point(cfg: StageConfig, out: Path, num_samples: int) -> str | None:
+    """The checkpoint to resume from (``training.resume``), after removing incomplete ones.
+
+    Raises:
+        RunAlreadyCompleteError: the newest checkpoint is already at the run's last step.
+    """
+    t = cfg.training
     resume: str | None = None
     if t.resume == "auto":
         remove_incomplete(out)
@@ -228,15 +222,20 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
     if resume:
         logger.info("resuming from %s", resume)
         done_step = _checkpoint_step(resume)
-        total = _total_steps(cfg, len(dataset))
+        total = _total_steps(cfg, num_samples)
         if done_step is not None and done_step >= total:
             raise RunAlreadyCompleteError(
                 f"{resume} is at step {done_step} of {total}: this run has finished. Raise "
                 "training.max_steps / training.epochs to train on, or set training.resume never "
                 "with a new output_dir to start over")
+    return resume
 
+
+def _training_arguments(cfg: StageConfig, out: Path, use_cpu: bool, with_eval: bool) -> TrainingArguments:
+    """The transformers ``TrainingArguments`` of ``cfg.training``."""
+    t = cfg.training
     precision = _precision(cfg, use_cpu)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -261,31 +260,73 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
         remove_unused_columns=False,
         use_cpu=use_cpu,
         disable_tqdm=not t.progress,
-        eval_strategy="epoch" if eval_dataset is not None else "no",
+        eval_strategy="epoch" if with_eval else "no",
+        prediction_loss_only=True,  # the held-out pass needs the loss only: logits at the answers alone
+        # Named, or transformers takes every forward argument with "label" in its name as a label, and
+        # `logits_only_at_labels` (absent from the batch) would make it skip the held-out loss.
+        label_names=["labels"],
         bf16=precision["bf16"],
         fp16=precision["fp16"],
     )
+
+
+def _save_final(trainer: PathChatTrainer, cfg: StageConfig, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Write the final checkpoint (the process that saves only); a LoRA run on a random-weight base is
+    folded into a full model, since such a base cannot be rebuilt from a name."""
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else None
+    if not trainer.args.should_save:
+        return
+    kind = _final_kind(cfg)
+    if kind == "full" and cfg.lora.enabled:
+        state = state_dict if state_dict is not None else final.state_dict()
+        final = full_model_from_state(final.config, state, cfg.lora.settings())
+        state_dict = None
+    save_pathchat_checkpoint(final, tokenizer, out, kind, state_dict=state_dict, training_config=cfg.to_dict())
+
+
+def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Train one stage as configured and save the final checkpoint into ``cfg.output_dir``.
+
+    ``callbacks`` are transformers ``TrainerCallback`` objects (early stopping, custom logging).
+
+    Resume: with ``training.resume: auto`` a run restarts from the newest complete
+    ``checkpoint-N`` in the output folder (same data order, same later losses).
+    """
+    _check_stage_inputs(cfg)
+    t = cfg.training
+    use_cpu = t.use_cpu or not torch.cuda.is_available()
+    set_seed(t.seed)
+
+    model, tokenizer = build_stage_model(cfg)
+    if cfg.lora.enabled:
+        from pathchat.model.lora import apply_lora
+
+        apply_lora(model, cfg.lora.settings())
+    trainable = select_trainable(model, cfg.stage, lora=cfg.lora.enabled)
+
+    records, skipped = load_stage_records(cfg, cfg.data.train)
+    store = SlideFeatureStore(cfg.data.features, max_tiles=cfg.data.max_tiles, sample_seed=cfg.data.tile_sample_seed)
+    model.config.feature_recipe = training_feature_recipe(store, records)
+    assert model.config.num_slide_tokens is not None
+    dataset, eval_dataset = _datasets(cfg, records, store, tokenizer, model.config.num_slide_tokens)
+    _standardize_features(cfg, model, store, dataset)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = _resume_point(cfg, out, len(dataset))
     trainer = PathChatTrainer(
-        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-        data_collator=PathChatCollator(pad_token_id=int(pad)), processing_class=tokenizer,
+        model=model, args=_training_arguments(cfg, out, use_cpu, eval_dataset is not None), train_dataset=dataset,
+        eval_dataset=eval_dataset, data_collator=PathChatCollator(pad_token_id=int(pad)), processing_class=tokenizer,
         lengths=dataset.lengths, checkpoint_kind=_checkpoint_kind(cfg), training_config=cfg.to_dict(),
         group_by_length=t.group_by_length, callbacks=list(callbacks),
     )
     try:
         trainer.train(resume_from_checkpoint=resume)
-        final = trainer.accelerator.unwrap_model(trainer.model)
-        state_dict = None
-        if trainer.is_deepspeed_enabled:
-            state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
-        if args.should_save:
-            kind = _final_kind(cfg)
-            if kind == "full" and cfg.lora.enabled:
-                # A random-weight (tiny) base cannot be rebuilt, so fold the adapter in and save it all.
-                state = state_dict if state_dict is not None else final.state_dict()
-                final = full_model_from_state(final.config, state, cfg.lora.settings())
-                state_dict = None
-            save_pathchat_checkpoint(final, tokenizer, out, kind, state_dict=state_dict,
-                                     training_config=cfg.to_dict())
+        _save_final(trainer, cfg, tokenizer, out)
     finally:
         if t.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()

@@ -80,7 +80,9 @@ class PathChatTrainer(Trainer):
         for optional in ("tile_coords", "slide_size_um"):
             if inputs.get(optional) is None:
                 inputs.pop(optional, None)
-        if not return_outputs:  # only the loss is needed: logits at the answer tokens alone
+        # Only the loss is needed (a training step, or a held-out pass with prediction_loss_only, as
+        # train_stage sets it): project only the answer positions onto the vocabulary.
+        if not return_outputs or (not model.training and self.args.prediction_loss_only):
             inputs["logits_only_at_labels"] = True
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)

@@ -173,7 +173,9 @@ def dotted_flags(overrides: Sequence[str] | dict[str, Any] | None) -> list[str]:
     if isinstance(overrides, dict):
         out: list[str] = []
         for key, value in overrides.items():
-            out += [f"--{key}", json.dumps(value)]  # JSON is YAML: jsonargparse reads every type from it
+            # JSON is YAML, so jsonargparse reads numbers, lists, mappings and null from it; strings go
+            # as they are (a JSON-quoted string would keep its quotes in a str field)
+            out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
         return out
     return [str(t) for t in overrides]
 

@@ -148,3 +148,25 @@ def test_isolated_packing_trains_and_changes_what_each_answer_sees(toy, tmp_path
     assert isolated.losses[-1] < isolated.losses[0]
     # Same weights, same batch at step 1: only the attention between the packed records differs.
     assert abs(isolated.losses[0] - shared.losses[0]) > 1e-4
+
+
+@pytest.mark.slow
+def test_the_held_out_loss_also_projects_only_the_answer_positions(toy, tmp_path, monkeypatch):
+    from pathchat.model.modeling import PathChatForConditionalGeneration
+
+    calls: list[tuple[bool, bool]] = []
+    forward = PathChatForConditionalGeneration.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((self.training, bool(kwargs.get("logits_only_at_labels"))))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PathChatForConditionalGeneration, "forward", spy)
+    cfg = _cfg(toy, "align", tmp_path / "run", **{"data.eval": [str(toy["align"])], "training.max_steps": -1,
+                                                   "training.epochs": 1, "training.save_steps": 0})
+    result = train_stage(cfg)
+    evals = [h["eval_loss"] for h in result.log_history if "eval_loss" in h]
+    assert len(evals) == 1 and 0 < evals[0] < 20
+    held_out = [only for training, only in calls if not training]
+    assert held_out and all(held_out)  # every held-out forward pass: logits at the answers only
+    assert all(only for training, only in calls if training)
