@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(args.encoder_threads)
     encoder = load_encoder(args.encoder, device="cpu")
     dataset = TileDataset(path, coords.l0_coords, int(attrs["read_level"]), int(attrs["read_px"]),
-                          int(attrs["patch_size"]))
+                          int(attrs["patch_size"]), edge_pixels=str(attrs["edge_pixels"]))
     tiles = torch.cat([b.tiles for b in tile_loader(dataset, batch_size=args.batch_size)])
     n = len(tiles)
 

@@ -4,8 +4,8 @@ A tile of `tile_px` pixels at `mpp` µm/px covers `l0_tile_px = tile_px * mpp / 
 It is read from the coarsest pyramid level that is still at least as fine as the target and resized,
 so a 40x slide without a 20x level gives the same grid as one with it. A level within
 `snap_tolerance` of the target is used as is (0.499 µm/px counts as 0.5), so common scanners never
-pay for a resize of 1.002x. The grid covers the whole slide: edge tiles that stick out are padded
-with white and judged on their in-slide part.
+pay for a resize of 1.002x. The grid covers the whole slide: edge tiles that stick out are judged on
+their in-slide part (the reader pads them, black by default as TRIDENT and CLAM do).
 """
 
 from __future__ import annotations
@@ -103,9 +103,15 @@ class TileGrid:
         return 10.0 / self.mpp
 
     def h5_attrs(self) -> dict[str, Any]:
-        """TRIDENT-compatible attributes for the coordinates file."""
+        """TRIDENT- and CLAM-compatible attributes for the coordinates file.
+
+        `patch_size` is TRIDENT's: the tile side at the target resolution. CLAM reads `patch_size` pixels
+        at `patch_level`, which covers the same area only when no resize happens (`read_px == patch_size`);
+        `read_px` is the side to read at `patch_level` in every case.
+        """
         return {
             "patch_size": self.tile_px,
+            "patch_level": self.read_level,  # CLAM: the pyramid level tiles are read from
             "patch_size_level0": self.l0_tile_px,
             "level0_magnification": 10.0 / self.l0_mpp,
             "target_magnification": self.magnification,

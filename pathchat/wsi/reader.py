@@ -4,7 +4,9 @@ Each DataLoader worker opens its own slide handle (OpenSlide handles are not sha
 processes). Tiles are read in grid (row-major) order, so consecutive reads hit the same source tiles
 and the slide layer's direct JPEG decoding serves tile-aligned grids without compositing. A corrupt
 tile is reported with its coordinates and skipped; it never poisons later reads (the slide layer
-reopens a handle after an error).
+reopens a handle after an error). Pixels past the slide edge are black by default, as TRIDENT and CLAM
+read them (`edge_pixels="white"` composites them on white), so the same coordinates give the same
+tiles, and the same features, in all three tools.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pathchat.wsi.errors import SlideError
 from pathchat.wsi.grid import TileGrid
-from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, Slide, open_slide
+from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, EDGE_PIXEL_MODES, Slide, open_slide
 
 
 @dataclass
@@ -43,6 +45,8 @@ class TileDataset(Dataset):
 
     Items are dicts: `tile` uint8 `[tile_px, tile_px, 3]` (zeros when unreadable), `l0_coords`
     int64 `[2]`, `index` int, `error` str or None. Use `collate_tiles` to drop failed items.
+    `edge_pixels` ("black" or "white") renders pixels past the slide edge and unscanned areas
+    (`Slide.read_region`).
     """
 
     def __init__(
@@ -54,7 +58,11 @@ class TileDataset(Dataset):
         tile_px: int,
         max_read_pixels: int = DEFAULT_MAX_READ_PIXELS,
         opener: Callable[..., Slide] = open_slide,
+        edge_pixels: str = "black",
     ):
+        if edge_pixels not in EDGE_PIXEL_MODES:
+            raise ValueError(f"{slide_path}: edge_pixels must be one of {EDGE_PIXEL_MODES}, got {edge_pixels!r}")
+        self.edge_pixels = edge_pixels
         self.slide_path = os.fspath(slide_path)
         self.l0_coords = np.asarray(l0_coords, dtype=np.int64).reshape(-1, 2)
         self.read_level, self.read_px, self.tile_px = read_level, read_px, tile_px
@@ -97,7 +105,7 @@ class TileDataset(Dataset):
     def _read_one(self, index: int) -> dict[str, Any]:
         x, y = (int(v) for v in self.l0_coords[index])
         try:
-            region = self.slide.read_region((x, y), self.read_level, (self.read_px, self.read_px))
+            region = self.slide.read_region((x, y), self.read_level, (self.read_px, self.read_px), self.edge_pixels)
         except SlideError as e:
             return self._item(index, None, e.cause)
         if self.read_px != self.tile_px:

@@ -1,7 +1,9 @@
 """One small slide interface over OpenSlide files and in-memory images.
 
 Coordinates prefixed `l0_` are level-0 pixels; `level` indexes the pyramid. Reads return RGB uint8
-`[h, w, 3]` with unscanned (transparent) areas composited on white, so no caller ever sees alpha.
+`[h, w, 3]`, so no caller ever sees alpha: unscanned (transparent) areas and pixels past the slide edge
+are composited on white, or, with `edge_pixels="black"`, the alpha is dropped as TRIDENT and CLAM do
+(PIL's `convert("RGB")`: OpenSlide's fully transparent pixels are black).
 Every read size is checked before allocation, and an OpenSlide handle that raised once is reopened
 before the next read (OpenSlide keeps a handle in an error state forever).
 Only an allow-list of metadata (`SlideInfo`) leaves this module: label and macro images and raw
@@ -36,6 +38,8 @@ DEFAULT_MAX_READ_PIXELS = 1 << 28
 DEFAULT_MAX_SLIDE_PIXELS = 1 << 40
 #: Plain images (PNG/JPEG) are decoded whole; refuse anything larger than this.
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 30
+#: How `read_region` renders transparent pixels: composited on white, or the alpha dropped (black).
+EDGE_PIXEL_MODES = ("white", "black")
 #: Thumbnails are assembled from chunks of at most this many level pixels per side.
 _THUMBNAIL_CHUNK_PX = 4096
 
@@ -132,15 +136,19 @@ class Slide(ABC):
 
     # -- pixels -----------------------------------------------------------------------------
     @abstractmethod
-    def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
+    def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int], edge_pixels: str) -> np.ndarray: ...
 
-    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int],
+                    edge_pixels: str = "white") -> np.ndarray:
         """Read `size` = (w, h) pixels of `level` whose top-left is the level-0 point `l0_xy`.
 
+        Args:
+            edge_pixels: "white" composites transparent pixels (outside the slide, unscanned) on white;
+                "black" drops the alpha as TRIDENT and CLAM do, which makes them black.
         Returns:
-            uint8 RGB `[h, w, 3]`; areas outside the slide or unscanned are white.
+            uint8 RGB `[h, w, 3]`.
         Raises:
-            ValueError: bad level or non-positive size.
+            ValueError: bad level, non-positive size or unknown `edge_pixels`.
             SlideTooLargeError: w * h above `max_read_pixels`.
             CorruptSlideError: the backend could not decode the region.
         """
@@ -149,11 +157,13 @@ class Slide(ABC):
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"{self.path}: region size must be positive, got {w}x{h}")
+        if edge_pixels not in EDGE_PIXEL_MODES:
+            raise ValueError(f"{self.path}: edge_pixels must be one of {EDGE_PIXEL_MODES}, got {edge_pixels!r}")
         if w * h > self.max_read_pixels:
             raise SlideTooLargeError(
                 self.path, f"a {w}x{h} read ({w * h:,} px) exceeds the limit of {self.max_read_pixels:,} px"
             )
-        return self._read((int(l0_xy[0]), int(l0_xy[1])), level, (w, h))
+        return self._read((int(l0_xy[0]), int(l0_xy[1])), level, (w, h), edge_pixels)
 
     def thumbnail(self, max_side: int = 1536) -> tuple[np.ndarray, float]:
         """A whole-slide overview whose long side is at most `max_side` pixels.
@@ -220,6 +230,14 @@ class Slide(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, {self.dimensions[0]}x{self.dimensions[1]}, levels={self.level_count})"
+
+
+def rgba_to_rgb(rgba: np.ndarray, edge_pixels: str = "white") -> np.ndarray:
+    """(Non-premultiplied) RGBA to RGB: composited on white, or ("black") the alpha dropped as PIL's
+    `convert("RGB")` does, which is what TRIDENT and CLAM feed their encoders."""
+    if edge_pixels == "black":
+        return np.ascontiguousarray(rgba[..., :3])
+    return rgba_to_rgb_on_white(rgba)
 
 
 def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -302,22 +320,24 @@ class OpenSlideSlide(Slide):
 
     def _read_openslide_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._level_downsamples[level]
-        return self._read_openslide((round(x * ds), round(y * ds)), level, (w, h))
+        return self._read_openslide((round(x * ds), round(y * ds)), level, (w, h), "white")
 
-    def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int], edge_pixels: str) -> np.ndarray:
         direct = self._direct_reader()
         if direct is not None and level in direct.levels:
             ds = self._level_downsamples[level]
             if ds == int(ds) and l0_xy[0] % int(ds) == 0 and l0_xy[1] % int(ds) == 0:
+                fill = 0 if edge_pixels == "black" else 255  # OpenSlide's transparent pixels, rendered alike
                 try:
-                    return direct.read(level, l0_xy[0] // int(ds), l0_xy[1] // int(ds), size[0], size[1])
+                    return direct.read(level, l0_xy[0] // int(ds), l0_xy[1] // int(ds), size[0], size[1], fill)
                 except DirectDecodeError as e:
                     raise CorruptSlideError(
                         self.path, f"cannot decode level {level} region at l0 {l0_xy} size {size[0]}x{size[1]}: {e}"
                     ) from e
-        return self._read_openslide(l0_xy, level, size)
+        return self._read_openslide(l0_xy, level, size, edge_pixels)
 
-    def _read_openslide(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read_openslide(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int],
+                        edge_pixels: str) -> np.ndarray:
         import openslide
 
         if self._osr is None:  # a previous read failed: the old handle is poisoned
@@ -329,7 +349,7 @@ class OpenSlideSlide(Slide):
             raise CorruptSlideError(
                 self.path, f"cannot decode level {level} region at l0 {l0_xy} size {size[0]}x{size[1]}: {e}"
             ) from e
-        return rgba_to_rgb_on_white(np.asarray(image))
+        return rgba_to_rgb(np.asarray(image), edge_pixels)
 
     def _discard_handle(self) -> None:
         import openslide
@@ -395,12 +415,12 @@ class InMemorySlide(Slide):
         self._level_downsamples = tuple(float(d) for d in downsamples)
         self._mpp, self._objective_power, self._vendor = mpp, objective_power, vendor
 
-    def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int], edge_pixels: str) -> np.ndarray:
         img = self._levels[level]
         ds = self._level_downsamples[level]
         x0, y0 = int(np.floor(l0_xy[0] / ds)), int(np.floor(l0_xy[1] / ds))
         w, h = size
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        out = np.full((h, w, 3), 0 if edge_pixels == "black" else 255, dtype=np.uint8)
         sx0, sy0 = max(0, x0), max(0, y0)
         sx1, sy1 = min(img.shape[1], x0 + w), min(img.shape[0], y0 + h)
         if sx1 > sx0 and sy1 > sy0:

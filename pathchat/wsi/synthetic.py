@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import Any
 import cv2
 import numpy as np
 import tifffile
+
+from pathchat.utils.atomic import atomic_path
 
 TISSUE_CLASSES: tuple[str, ...] = ("tumor", "stroma", "lymphocytes", "fat", "necrosis", "mucin", "faint")
 BACKGROUND_RGB: tuple[int, int, int] = (242, 242, 240)
@@ -393,7 +394,8 @@ def _aperio_description(spec: SyntheticSlideSpec, size: tuple[int, int] | None =
 
 
 def write_synthetic_slide(path: str | os.PathLike, spec: SyntheticSlideSpec) -> pathlib.Path:
-    """Write the slide atomically (temp file in the target folder, then os.replace). Returns the path."""
+    """Write the slide atomically (`pathchat.utils.atomic.atomic_path`: a temporary beside it, renamed into
+    place). Returns the path."""
     path = pathlib.Path(path)
     levels = spec.levels()
     raw_bytes = sum(w * h * 3 for _, w, h in levels)
@@ -409,50 +411,44 @@ def write_synthetic_slide(path: str | os.PathLike, spec: SyntheticSlideSpec) -> 
     jpeg: dict[str, Any] = dict(compression="jpeg", compressionargs={"level": spec.jpeg_quality})
     tiled: dict[str, Any] = dict(tile=(spec.tile_px, spec.tile_px), dtype=np.uint8, **jpeg, **common)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with (
-            tifffile.TiffWriter(tmp, bigtiff=raw_bytes > 3_500_000_000) as tif,
-            ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool,
-        ):
-            for k, (d, w, h) in enumerate(levels):
-                if spec.vendor == "aperio":
-                    desc = _aperio_description(spec, None if k == 0 else (w, h))
-                else:
-                    desc = f"pathchat synthetic slide level {k} downsample {d}"
-                    if marker:
-                        desc += f"|Patient = {marker}"
-                # SubfileType "reduced image" on levels > 0: OpenSlide's generic-tiff skips them otherwise
-                tif.write(
-                    _level_tiles(spec, d, w, h, pool),
-                    shape=(h, w, 3),
-                    description=desc,
-                    subfiletype=0 if k == 0 else 1,
-                    **tiled,
-                )
-                if k == 0 and spec.vendor == "aperio":  # 2nd directory, stripped: OpenSlide's "thumbnail"
-                    thumb = _thumbnail(spec, 1024)
-                    desc = _aperio_description(spec, (thumb.shape[1], thumb.shape[0]))
-                    tif.write(thumb, description=desc, **jpeg, **common)
+    with (
+        atomic_path(path) as tmp,  # a temporary in the target folder, fsynced and renamed on success
+        tifffile.TiffWriter(tmp, bigtiff=raw_bytes > 3_500_000_000) as tif,
+        ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool,
+    ):
+        for k, (d, w, h) in enumerate(levels):
             if spec.vendor == "aperio":
-                label = _label_image(spec)
-                macro = _macro_image(spec, label)
-                comps: list[tuple[str, np.ndarray, dict[str, Any]]] = [
-                    ("label", label, {"compression": "lzw"}),
-                    ("macro", macro, jpeg),
-                ]
-                for name, img, comp in comps:
-                    desc = f"{_APERIO_HEADER}\r\n{name} {img.shape[1]}x{img.shape[0]}"
-                    if marker:
-                        desc += f"|Patient = {marker}"
-                    tif.write(
-                        img, description=desc, subfiletype=1 if name == "label" else 9, **comp, **common
-                    )
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+                desc = _aperio_description(spec, None if k == 0 else (w, h))
+            else:
+                desc = f"pathchat synthetic slide level {k} downsample {d}"
+                if marker:
+                    desc += f"|Patient = {marker}"
+            # SubfileType "reduced image" on levels > 0: OpenSlide's generic-tiff skips them otherwise
+            tif.write(
+                _level_tiles(spec, d, w, h, pool),
+                shape=(h, w, 3),
+                description=desc,
+                subfiletype=0 if k == 0 else 1,
+                **tiled,
+            )
+            if k == 0 and spec.vendor == "aperio":  # 2nd directory, stripped: OpenSlide's "thumbnail"
+                thumb = _thumbnail(spec, 1024)
+                desc = _aperio_description(spec, (thumb.shape[1], thumb.shape[0]))
+                tif.write(thumb, description=desc, **jpeg, **common)
+        if spec.vendor == "aperio":
+            label = _label_image(spec)
+            macro = _macro_image(spec, label)
+            comps: list[tuple[str, np.ndarray, dict[str, Any]]] = [
+                ("label", label, {"compression": "lzw"}),
+                ("macro", macro, jpeg),
+            ]
+            for name, img, comp in comps:
+                desc = f"{_APERIO_HEADER}\r\n{name} {img.shape[1]}x{img.shape[0]}"
+                if marker:
+                    desc += f"|Patient = {marker}"
+                tif.write(
+                    img, description=desc, subfiletype=1 if name == "label" else 9, **comp, **common
+                )
     return path
 
 

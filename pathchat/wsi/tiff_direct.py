@@ -115,7 +115,7 @@ class DirectTiffLevels:
         page = self._pages[level]
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         if count == 0:
-            return None  # a sparse (never scanned) tile: white, as OpenSlide's transparency
+            return None  # a sparse (never scanned) tile: transparent in OpenSlide, so the caller's fill
         fh = self._tf.filehandle
         fh.seek(offset)
         data = fh.read(count)
@@ -133,8 +133,13 @@ class DirectTiffLevels:
             self._cache.popitem(last=False)
         return tile
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 `[h, w, 3]` of the level-pixel box; outside the level is white."""
+    def read(self, level: int, x: int, y: int, w: int, h: int, fill: int = 255) -> np.ndarray:
+        """RGB uint8 `[h, w, 3]` of the level-pixel box.
+
+        Args:
+            fill: the value of pixels OpenSlide returns transparent (outside the level, sparse tiles):
+                255 matches its RGBA composited on white, 0 matches it with the alpha dropped.
+        """
         page = self._pages[level]
         tw, th = page.tilewidth, page.tilelength
         lw, lh = page.imagewidth, page.imagelength
@@ -145,7 +150,7 @@ class DirectTiffLevels:
             tile = self._tile(level, (y // th) * cols + x // tw)  # the aligned case: one tile
             if tile is not None:
                 return tile.copy()  # the cached array must not be handed out for mutation
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        out = np.full((h, w, 3), fill, dtype=np.uint8)
         for ty in range(y0 // th, -(-y1 // th)) if y1 > y0 else ():
             for tx in range(x0 // tw, -(-x1 // tw)) if x1 > x0 else ():
                 tile = self._tile(level, ty * cols + tx)

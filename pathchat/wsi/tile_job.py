@@ -1,7 +1,8 @@
 """`pathchat tile`: slides -> tissue mask -> tile grid, written in TRIDENT's job layout.
 
 For each slide, under `JOB/<mag>x_<tile>px_<overlap>px_overlap/`:
-`patches/<slide>.h5` (coordinates), `visualization/<slide>.png` (QC),
+`patches/<slide>_patches.h5` (coordinates; TRIDENT's name, so its feature job finds them; jobs written
+before as `patches/<slide>.h5` are still read and not redone), `visualization/<slide>.png` (QC),
 `contours_geojson/<slide>.geojson` (tissue outline for QuPath) and `tissue_masks/<slide>.png`
 (the binary mask at thumbnail resolution; `mask_downsample` in the coords attrs maps it to level 0). The batch bookkeeping (manifest,
 failures, resume, one process per slide) is `pathchat.utils.batch`.
@@ -26,6 +27,11 @@ from pathchat.wsi.qc import write_mask_png, write_qc_png
 from pathchat.wsi.slide import DEFAULT_MAX_READ_PIXELS, open_slide, resolve_mpp
 from pathchat.wsi.tissue import TissueParams, detect_tissue
 
+#: TRIDENT's coordinates file name is `<slide>_patches.h5` (trident/Processor.py looks for exactly that).
+COORDS_SUFFIX = "_patches.h5"
+#: Values of `TileJobConfig.edge_pixels`, the default first.
+EDGE_PIXELS = ("black", "white")
+
 
 @dataclass(frozen=True)
 class TileJobConfig:
@@ -36,9 +42,25 @@ class TileJobConfig:
     slide_mpp: float | None = None  # level-0 µm/px for every slide, overriding the files
     default_slide_mpp: float | None = None  # level-0 µm/px for slides whose files record none
     max_read_pixels: int = DEFAULT_MAX_READ_PIXELS
+    # Tile pixels past the slide edge (and unscanned areas): "black" is what TRIDENT and CLAM feed their
+    # encoders (OpenSlide's transparent pixels with the alpha dropped), "white" composites them on white.
+    edge_pixels: str = "black"
+
+    def __post_init__(self) -> None:
+        if self.edge_pixels not in EDGE_PIXELS:
+            raise ValueError(f"--edge-pixels must be one of {', '.join(EDGE_PIXELS)}, got {self.edge_pixels!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as the resume key sees them.
+
+        White was the only behaviour before `edge_pixels` existed, so a white config leaves the field out:
+        its key is the one older jobs recorded, and they resume without being redone. `from_dict` reads a
+        dict without the field as white for the same reason.
+        """
+        d = asdict(self)
+        if self.edge_pixels == "white":
+            del d["edge_pixels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TileJobConfig:
@@ -48,17 +70,26 @@ class TileJobConfig:
             slide_mpp=d.get("slide_mpp"),
             default_slide_mpp=d.get("default_slide_mpp"),
             max_read_pixels=d.get("max_read_pixels", DEFAULT_MAX_READ_PIXELS),
+            edge_pixels=d.get("edge_pixels", "white"),  # dicts from before the field meant white
         )
 
 
 def output_paths(job_dir: Path, slide_id: str, tiling: TilingParams) -> dict[str, Path]:
+    """Where `tile_one` writes a slide's files (TRIDENT's layout and names)."""
     root = job_dir / tiling.folder_name
     return {
-        "coords": root / "patches" / f"{slide_id}.h5",
+        "coords": root / "patches" / f"{slide_id}{COORDS_SUFFIX}",
         "qc": root / "visualization" / f"{slide_id}.png",
         "geojson": root / "contours_geojson" / f"{slide_id}.geojson",
         "mask": root / "tissue_masks" / f"{slide_id}.png",
     }
+
+
+def find_coords_file(job_dir: Path, slide_id: str, tiling: TilingParams) -> Path | None:
+    """The slide's coordinates file in the job: TRIDENT's name, else the name older jobs used, else None."""
+    new = output_paths(job_dir, slide_id, tiling)["coords"]
+    legacy = new.with_name(f"{slide_id}.h5")
+    return next((p for p in (new, legacy) if p.is_file()), None)
 
 
 def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: Any = None) -> dict[str, Any]:
@@ -75,7 +106,7 @@ def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: 
         paths["coords"], grid, source.slide_id, info, fingerprint, resolution.source,
         extra_attrs={"tissue_params": cfg.tissue.to_dict(), "tissue_threshold": tissue.threshold,
                      "mask_downsample": tissue.downsample, "min_tissue": cfg.tiling.min_tissue,
-                     "tiling_key": params_key("tile", cfg.to_dict())},
+                     "edge_pixels": cfg.edge_pixels, "tiling_key": params_key("tile", cfg.to_dict())},
     )
     write_qc_png(paths["qc"], thumbnail, tissue, grid)
     write_mask_png(paths["mask"], tissue)

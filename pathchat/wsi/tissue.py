@@ -14,8 +14,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+import shapely
+import shapely.geometry
 
 from pathchat.wsi.slide import Slide
+
+_GEOJSON_GRID_PX = 0.1  # level-0 pixels; GeoJSON coordinates are rounded to this grid
 
 
 @dataclass(frozen=True)
@@ -92,21 +96,22 @@ class TissueMask:
         return np.clip(covered / ((x1 - x0) * (y1 - y0)), 0.0, 1.0)
 
     def to_geojson(self, name: str = "Tissue") -> dict[str, Any]:
-        """A FeatureCollection of Polygon annotations in level-0 pixels, as QuPath imports them."""
+        """A FeatureCollection of annotations in level-0 pixels, as QuPath imports them.
 
-        def ring(points: np.ndarray) -> list[list[float]]:
-            pts = [[round(float(x), 1), round(float(y), 1)] for x, y in points]
-            return pts + [pts[0]]
-
+        One feature per tissue piece: a Polygon, or a MultiPolygon where the piece's outline touches
+        itself (a one-pixel neck, a hole meeting the border), which shapely splits into valid parts.
+        Every geometry is valid and oriented as RFC 7946 asks (outer rings counter-clockwise, holes
+        clockwise); coordinates are rounded to 0.1 px without breaking validity.
+        """
         features = []
         for poly in self.polygons:
+            geometry = _valid_geometry(poly)
+            if geometry is None:
+                continue
             features.append(
                 {
                     "type": "Feature",
-                    "geometry": {
-                        "type": "Polygon",
-                        "coordinates": [ring(poly.exterior)] + [ring(h) for h in poly.holes],
-                    },
+                    "geometry": geometry,
                     "properties": {
                         "objectType": "annotation",
                         "classification": {"name": name, "color": [0, 160, 60]},
@@ -114,6 +119,29 @@ class TissueMask:
                 }
             )
         return {"type": "FeatureCollection", "features": features}
+
+
+def _valid_geometry(poly: TissuePolygon) -> dict[str, Any] | None:
+    """A GeoJSON geometry of `poly` that is valid and RFC 7946-oriented; None when nothing is left.
+
+    OpenCV traces a piece that touches itself as one ring through the same vertex twice, which is
+    invalid (shapely, QuPath's JTS and GeoPandas all say so); `make_valid` keeps its area and splits it
+    there. Snapping to the 0.1-px output grid goes through `set_precision`, which keeps it valid.
+    """
+    shape = shapely.Polygon(poly.exterior, poly.holes)
+    if not shape.is_valid:
+        shape = shapely.make_valid(shape, method="structure", keep_collapsed=False)
+    shape = shapely.orient_polygons(shapely.set_precision(shape, _GEOJSON_GRID_PX))
+    if shape.is_empty or shape.geom_type not in ("Polygon", "MultiPolygon"):
+        return None
+    geometry = shapely.geometry.mapping(shape)
+
+    def rounded(value: Any) -> Any:  # the grid is 0.1 px; this only drops float noise such as 0.30000000000000004
+        if isinstance(value, float):
+            return round(value, 1)
+        return [rounded(v) for v in value]
+
+    return {"type": geometry["type"], "coordinates": rounded(geometry["coordinates"])}
 
 
 def _odd(n: float) -> int:

@@ -60,7 +60,7 @@ def trident_job(tmp_path: Path) -> Path:
     _trident(job, "TCGA-A", 0)
     _trident(job, "TCGA-B", 1)
     (job / TILING / "features_uni_v1" / "TCGA-bad.h5").write_text("not an h5")
-    _save_h5(job / TILING / "patches" / "TCGA-A.h5", {"coords": _coords()})  # TRIDENT's coords: not features
+    _save_h5(job / TILING / "patches" / "TCGA-A_patches.h5", {"coords": _coords()})  # TRIDENT's coords: not features
     (job / TILING / "slide_features_titan").mkdir()
     return job
 

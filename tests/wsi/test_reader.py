@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import openslide
@@ -19,16 +21,28 @@ def _full_grid(path, **params):
         return build_grid(s, s.mpp, None, TilingParams(min_tissue=0, **params))
 
 
-def test_tiles_are_pixel_identical_to_openslide_read_region():
+@pytest.mark.parametrize("direct_decode", [True, False])
+@pytest.mark.parametrize("edge_pixels", ["black", "white"])
+def test_tiles_are_pixel_identical_to_openslide_read_region(edge_pixels, direct_decode):
+    """Both decoding paths give OpenSlide's pixels in both edge modes: black = the alpha dropped, as
+    TRIDENT and CLAM (`read_region(...).convert("RGB")`), white = composited on white."""
     grid = _full_grid(CMU)
-    ds = TileDataset.from_grid(CMU, grid)  # direct JPEG decoding; CMU's 240-px source tiles straddle the grid
+    # direct JPEG decoding: CMU's 240-px source tiles straddle the grid; the last row and column stick out
+    ds = TileDataset.from_grid(CMU, grid, edge_pixels=edge_pixels,
+                               opener=functools.partial(open_slide, direct_decode=direct_decode))
     assert len(ds) == 9 * 12
     osr = openslide.OpenSlide(str(CMU))
+    outside = 0
     for i in range(len(ds)):
         item = ds[i]
         x, y = (int(v) for v in item["l0_coords"])
-        expected = rgba_to_rgb_on_white(np.asarray(osr.read_region((x, y), 0, (256, 256))))
+        region = osr.read_region((x, y), 0, (256, 256))
+        expected = (np.asarray(region.convert("RGB")) if edge_pixels == "black"
+                    else rgba_to_rgb_on_white(np.asarray(region)))
         np.testing.assert_array_equal(item["tile"], expected)
+        outside += int((np.asarray(region)[..., 3] == 0).sum())
+    # 108 tiles of 256 px cover 2304 x 3072 px of a 2220 x 2967 slide
+    assert outside == 2304 * 3072 - 2220 * 2967
 
 
 def test_tiles_read_from_a_finer_level_are_resized(tmp_path):
@@ -58,7 +72,7 @@ def test_corrupt_tiles_are_reported_with_coordinates_and_skipped():
     # every good tile is pixel-identical to the intact slide: nothing was poisoned by the errors
     with open_slide(CMU) as intact:
         for tile, (x, y) in tiles[::7]:
-            np.testing.assert_array_equal(tile, intact.read_region((int(x), int(y)), 0, (256, 256)))
+            np.testing.assert_array_equal(tile, intact.read_region((int(x), int(y)), 0, (256, 256), "black"))
 
 
 def test_two_worker_processes_give_the_same_tiles_in_order():

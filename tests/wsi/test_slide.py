@@ -153,7 +153,7 @@ def test_thumbnail_is_assembled_in_bounded_chunks(monkeypatch):
     monkeypatch.setattr(slide_mod, "_THUMBNAIL_CHUNK_PX", 256)
     reads = []
     original = s._read
-    monkeypatch.setattr(s, "_read", lambda xy, lv, size: reads.append(size) or original(xy, lv, size))
+    monkeypatch.setattr(s, "_read", lambda xy, lv, size, edge: reads.append(size) or original(xy, lv, size, edge))
     chunked, ds2 = s.thumbnail(650)
     assert ds == ds2 == pytest.approx(2.0)
     assert whole.shape == chunked.shape == (450, 650, 3)
@@ -167,6 +167,9 @@ def test_objective_power_fallback_and_transparent_areas_are_white():
     rgba[:2, :, 3] = 255
     rgb = slide_mod.rgba_to_rgb_on_white(rgba)
     assert rgb[0, 0].tolist() == [10, 10, 10] and rgb[3, 3].tolist() == [255, 255, 255]
+    # TRIDENT's and CLAM's `convert("RGB")` drops the alpha instead
+    assert slide_mod.rgba_to_rgb(rgba, "black")[3, 3].tolist() == [10, 10, 10]
+    np.testing.assert_array_equal(slide_mod.rgba_to_rgb(rgba), rgb)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_mpp(InMemorySlide(rgb, mpp=0.3)).source == "metadata"  # no warning with real mpp
@@ -183,7 +186,11 @@ def test_direct_jpeg_decoding_is_pixel_identical_to_openslide(tmp_path):
     regions = [((0, 0), 0, (256, 256)), ((300, 170), 0, (700, 333)), ((1400, 1000), 0, (256, 256)),
                ((512, 256), 1, (256, 256)), ((2, 6), 1, (300, 200)), ((1456, 1088), 2, (40, 40))]
     for l0_xy, level, size in regions:
-        np.testing.assert_array_equal(direct.read_region(l0_xy, level, size), plain.read_region(l0_xy, level, size))
+        for edge in ("white", "black"):  # the last two regions stick out of their level
+            np.testing.assert_array_equal(direct.read_region(l0_xy, level, size, edge),
+                                          plain.read_region(l0_xy, level, size, edge))
+    assert direct.read_region((1400, 1000), 0, (256, 256), "black")[-1, -1].tolist() == [0, 0, 0]
+    assert direct.read_region((1400, 1000), 0, (256, 256))[-1, -1].tolist() == [255, 255, 255]
     assert direct._direct is not None and direct._direct.levels == {0, 1, 2}
     assert plain._direct is None
     direct.close()
