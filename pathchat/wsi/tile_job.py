@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.utils.atomic import atomic_write_text
+from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
 from pathchat.wsi.coords import write_coords_h5
 from pathchat.wsi.discovery import SlideSource, discover_slides
 from pathchat.wsi.errors import SlideError
