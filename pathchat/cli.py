@@ -71,6 +71,7 @@ class TilingFlags:
         default_slide_mpp: level-0 µm/px for slides whose files record none.
         low_res: slides coarser than the target: tile at their native resolution (warn) or fail.
         tissue_threshold: fixed HSV-saturation threshold (0-255) instead of Otsu, for unusual stains.
+        edge_pixels: tile pixels past the slide edge: black as TRIDENT and CLAM read them, or white.
     """
 
     mag: float | None = None
@@ -81,6 +82,7 @@ class TilingFlags:
     default_slide_mpp: float | None = TileJobConfig.default_slide_mpp
     low_res: Literal["native", "error"] = "native"
     tissue_threshold: float | None = TissueParams.saturation_threshold
+    edge_pixels: Literal["black", "white"] = TileJobConfig.edge_pixels
 
     def job_config(self, tile_px: int, magnification: float | None = None) -> TileJobConfig:
         """The `TileJobConfig` these flags describe (`magnification` where neither --mag nor --mpp is given);
@@ -89,14 +91,15 @@ class TilingFlags:
         tiling = TilingParams(magnification=mag, mpp=self.mpp, tile_px=tile_px,
                               overlap_px=self.overlap, min_tissue=self.min_tissue, low_resolution=self.low_res)
         return TileJobConfig(tiling=tiling, tissue=TissueParams(saturation_threshold=self.tissue_threshold),
-                             slide_mpp=self.slide_mpp, default_slide_mpp=self.default_slide_mpp)
+                             slide_mpp=self.slide_mpp, default_slide_mpp=self.default_slide_mpp,
+                             edge_pixels=self.edge_pixels)
 
 
 def tile(slides: list[str], out: str, tiling: TilingFlags, tile_size: int = TilingParams.tile_px, workers: int = _default(tile_slides, "workers"),
          timeout: float = _default(tile_slides, "timeout_s"), progress: bool = True) -> int:
     """Tile every slide under `slides` (files or folders, searched recursively) into the job folder.
 
-    Writes, per slide under JOB/<mag>x_<tile>px_<overlap>px_overlap/: patches/<slide>.h5 (coordinates),
+    Writes, per slide under JOB/<mag>x_<tile>px_<overlap>px_overlap/: patches/<slide>_patches.h5 (coordinates),
     visualization/<slide>.png (QC) and contours_geojson/<slide>.geojson. Reruns skip finished slides.
 
     Args:

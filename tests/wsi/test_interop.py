@@ -24,6 +24,7 @@ from qubalab.objects.image_feature import ImageFeature
 from qubalab.objects.object_type import ObjectType
 from shared_data import CMU, SLIDES
 
+from pathchat.cli import main
 from pathchat.features.extract import _coords_for
 from pathchat.utils.atomic import read_jsonl, sha256_file
 from pathchat.utils.batch import fingerprint_slide, params_key
@@ -122,7 +123,7 @@ def test_edge_pixels_are_recorded_and_a_job_never_mixes_them(tmp_path):
     with pytest.raises(ValueError, match="--edge-pixels"):
         TileJobConfig(edge_pixels="grey")
 
-    assert tile_slides([slide], job, white, progress=False).done == 1
+    assert main(["tile", str(slide), "--out", str(job), "--edge-pixels", "white", "--no-progress"]) == 0
     coords_file = output_paths(job, "edge", white.tiling)["coords"]
     assert read_coords_h5(coords_file).attrs["edge_pixels"] == "white"
     assert tile_slides([slide], job, white, progress=False).skipped == 1
