@@ -2,10 +2,11 @@
 
 Each test reads our files with the dataset and attribute names the other tool's source reads
 (named beside each read), or with the tool's own reader where it is on PyPI (qubalab for QuPath).
-Checked against: TRIDENT (mahmoodlab/TRIDENT main, 2025: `trident/Processor.py`, `trident/IO.py`
-`read_coords`, `trident/wsi_objects/WSI.py` `extract_patch_features`, `OpenSlideWSI.read_region`),
-CLAM (mahmoodlab/CLAM master: `dataset_modules/dataset_h5.py` `Whole_Slide_Bag_FP`), qubalab 0.2.1,
-shapely 2.2, openslide-python 1.4.7 with OpenSlide 4.0.1.
+Checked against: TRIDENT (mahmoodlab/TRIDENT: `trident/Processor.py` at 0b2f600, `trident/IO.py`
+`read_coords` at 0408667, `trident/wsi_objects/WSI.py` `extract_patch_features`,
+`trident/wsi_objects/OpenSlideWSI.py` `read_region` at 40a1db7), CLAM (mahmoodlab/CLAM
+`dataset_modules/dataset_h5.py` `Whole_Slide_Bag_FP` at 4f9d8ae), qubalab 0.2.1, shapely 2.2,
+openslide-python 1.4.7 with OpenSlide 4.0.1.
 """
 
 from __future__ import annotations
