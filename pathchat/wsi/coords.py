@@ -1,8 +1,9 @@
 """The tile-coordinates file: one h5 per slide in TRIDENT's layout.
 
 `coords` int64 `[n, 2]` holds level-0 (x, y) of each tile's top-left corner; attributes carry the
-tiling (TRIDENT's names) plus PathChat's provenance: the slide fingerprint, where the mpp came from
-and the allow-listed slide metadata. Nothing else about the slide is stored.
+tiling (TRIDENT's names, CLAM's `patch_level`, `edge_pixels`) plus PathChat's provenance: the slide
+fingerprint, where the mpp came from and the allow-listed slide metadata. Nothing else about the slide
+is stored. The file is `patches/<slide>_patches.h5`, TRIDENT's name (`pathchat.wsi.tile_job`).
 """
 
 from __future__ import annotations
