@@ -617,81 +617,102 @@ def _pct(block: dict[str, Any] | None, key: str = "accuracy") -> str:
     return f"{100 * block[key]:.1f}"
 
 
+def _md_header(results: dict[str, Any]) -> list[str]:
+    """Title, source, and how many questions were asked, not scored or scored as FAILED."""
+    coverage = results["coverage"]
+    lines = [f"# {results['task']}: {results.get('model') or results.get('predictions_file')}", "",
+             f"Source: `{results['source']}`  ",
+             f"Questions asked: {coverage.get('asked_questions')} of {coverage['questions']}"]
+    missing = coverage.get("missing_feature_questions") or coverage.get("missing_prediction_questions")
+    if missing:
+        lines.append(f"  \n**Not scored: {missing} questions** (no features / no prediction).")
+    failed_unanswered = coverage.get("failed_unanswered_questions")
+    if failed_unanswered:
+        lines.append(f"  \n**Scored as FAILED: {failed_unanswered} questions** without a usable answer in the "
+                     "predictions file (`--bad-predictions failed`).")
+    return [*lines, ""]
+
+
+def _md_closed(conds: dict[str, Any], names: list[str]) -> list[str]:
+    """Closed accuracy per category, group and overall, one column per condition, and the FAILED row."""
+    closed = {n: conds[n].get("closed") for n in names}
+    main = closed.get(CONDITION_SLIDE)
+    if not main:
+        return []
+    lines = ["## Closed questions (accuracy %)", "", "| | n | " + " | ".join(f"{n} %" for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    for section in ("categories", "groups"):
+        for key, block in main[section].items():
+            row = [f"{'group: ' if section == 'groups' else ''}{key}", str(block["n"])]
+            row += [_pct((closed[n] or {}).get(section, {}).get(key)) for n in names]
+            lines.append("| " + " | ".join(row) + " |")
+    row = ["**overall**", str(main["overall"]["n"])]
+    row += [f"**{_pct((closed[n] or {}).get('overall'))}**" for n in names]
+    lines.append("| " + " | ".join(row) + " |")
+    lines.append("| FAILED (no parsable answer) | | " + " | ".join(
+        str((closed[n] or {}).get("overall", {}).get("failed", "–")) for n in names) + " |")
+    return [*lines, ""]
+
+
+def _md_consistency(results: dict[str, Any]) -> list[str]:
+    if "consistency" not in results:
+        return []
+    c = results["consistency"]
+    return [f"Option-order consistency: {_pct(c, 'share')} % of {c['n']} questions answered with the same "
+            f"option in every order; accuracy with shuffled options {_pct(c, 'shuffled_options_accuracy')} %.", ""]
+
+
+def _md_open(conds: dict[str, Any], names: list[str]) -> list[str]:
+    """Open-question metrics overall and per category, one column per condition."""
+    opened = {n: conds[n].get("open") for n in names}
+    if not opened.get(CONDITION_SLIDE):
+        return []
+    main_open = opened[CONDITION_SLIDE] or {}
+    lines = ["## Open questions (%)", "", "| | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    sections = [("overall", "**overall**", main_open.get("overall", {}))]
+    sections += [(f"categories/{k}", k, v) for k, v in main_open.get("categories", {}).items()]
+    for path, label, block in sections:
+        for metric in ("exact_match", "token_f1", "yes_no_accuracy", "yes_no_failed"):
+            if metric not in block:
+                continue
+            n_key = "n_yes_no" if metric.startswith("yes_no") else "n_open"
+            cells = []
+            for n in names:
+                b = opened[n] or {}
+                for part in path.split("/"):
+                    b = b.get(part, {})
+                cells.append(str(b.get(metric, "–")) if metric == "yes_no_failed" else _pct(b, metric))
+            lines.append(f"| {label}: {metric.replace('_', ' ')} | {block.get(n_key, '')} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _md_reports(conds: dict[str, Any], names: list[str]) -> list[str]:
+    """Report metrics (BLEU, METEOR, ROUGE-L, CIDEr), one column per condition."""
+    reports = {n: conds[n].get("report") for n in names}
+    if not reports.get(CONDITION_SLIDE):
+        return []
+    metrics = [k for k in reports[CONDITION_SLIDE] or {} if k not in ("n", "skipped")]
+    lines = ["## Reports", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for m in metrics:
+        lines.append(f"| {m} | " + " | ".join(f"{(reports[n] or {}).get(m, float('nan')):.4f}" for n in names) + " |")
+    return [*lines, ""]
+
+
+def _md_controls(names: list[str]) -> str:
+    if len(names) > 1:
+        return (f"Controls: `{CONDITION_SHUFFLED}` shows each question another slide's features, "
+                f"`{CONDITION_ZEROED}` shows a blank slide (one all-zero tile at the origin); a model that "
+                "reads the slide scores lower under both.")
+    return "Controls: not run (scored existing predictions, or `--no-controls`)."
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """A readable summary: closed accuracy per category / group / overall beside the controls, open and
     report scores, consistency, FAILED and coverage."""
     conds = results.get("conditions", {})
     names = [c for c in (CONDITION_SLIDE, CONDITION_SHUFFLED, CONDITION_ZEROED) if c in conds]
-    lines = [f"# {results['task']}: {results.get('model') or results.get('predictions_file')}", "",
-             f"Source: `{results['source']}`  ",
-             f"Questions asked: {results['coverage'].get('asked_questions')} of {results['coverage']['questions']}"]
-    missing = results["coverage"].get("missing_feature_questions") or results["coverage"].get(
-        "missing_prediction_questions")
-    if missing:
-        lines.append(f"  \n**Not scored: {missing} questions** (no features / no prediction).")
-    failed_unanswered = results["coverage"].get("failed_unanswered_questions")
-    if failed_unanswered:
-        lines.append(f"  \n**Scored as FAILED: {failed_unanswered} questions** without a usable answer in the "
-                     "predictions file (`--bad-predictions failed`).")
-    lines.append("")
-    header = "| | n | " + " | ".join(f"{n} %" for n in names) + " |"
-    rule = "|---|---:|" + "---:|" * len(names)
-    closed = {n: conds[n].get("closed") for n in names}
-    if closed.get(CONDITION_SLIDE):
-        main = closed[CONDITION_SLIDE]
-        assert main is not None
-        lines += ["## Closed questions (accuracy %)", "", header, rule]
-        for section in ("categories", "groups"):
-            for key, block in main[section].items():
-                row = [f"{'group: ' if section == 'groups' else ''}{key}", str(block["n"])]
-                row += [_pct((closed[n] or {}).get(section, {}).get(key)) for n in names]
-                lines.append("| " + " | ".join(row) + " |")
-        row = ["**overall**", str(main["overall"]["n"])]
-        row += [f"**{_pct((closed[n] or {}).get('overall'))}**" for n in names]
-        lines.append("| " + " | ".join(row) + " |")
-        lines.append("| FAILED (no parsable answer) | | " + " | ".join(
-            str((closed[n] or {}).get("overall", {}).get("failed", "–")) for n in names) + " |")
-        lines.append("")
-    if "consistency" in results:
-        c = results["consistency"]
-        lines += [f"Option-order consistency: {_pct(c, 'share')} % of {c['n']} questions answered with the same "
-                  f"option in every order; accuracy with shuffled options {_pct(c, 'shuffled_options_accuracy')} %.",
-                  ""]
-    opened = {n: conds[n].get("open") for n in names}
-    if opened.get(CONDITION_SLIDE):
-        main_open = opened[CONDITION_SLIDE] or {}
-        lines += ["## Open questions (%)", "", "| | n | " + " | ".join(names) + " |",
-                  "|---|---:|" + "---:|" * len(names)]
-        sections = [("overall", "**overall**", main_open.get("overall", {}))]
-        sections += [(f"categories/{k}", k, v) for k, v in main_open.get("categories", {}).items()]
-        for path, label, block in sections:
-            for metric in ("exact_match", "token_f1", "yes_no_accuracy", "yes_no_failed"):
-                if metric not in block:
-                    continue
-                n_key = "n_yes_no" if metric.startswith("yes_no") else "n_open"
-                cells = []
-                for n in names:
-                    b = opened[n] or {}
-                    for part in path.split("/"):
-                        b = b.get(part, {})
-                    cells.append(str(b.get(metric, "–")) if metric == "yes_no_failed" else _pct(b, metric))
-                lines.append(f"| {label}: {metric.replace('_', ' ')} | {block.get(n_key, '')} | "
-                             + " | ".join(cells) + " |")
-        lines.append("")
-    reports = {n: conds[n].get("report") for n in names}
-    if reports.get(CONDITION_SLIDE):
-        metrics = [k for k in reports[CONDITION_SLIDE] or {} if k not in ("n", "skipped")]
-        lines += ["## Reports", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        for m in metrics:
-            lines.append(f"| {m} | " + " | ".join(
-                f"{(reports[n] or {}).get(m, float('nan')):.4f}" for n in names) + " |")
-        lines.append("")
-    if len(names) > 1:
-        lines.append(f"Controls: `{CONDITION_SHUFFLED}` shows each question another slide's features, "
-                     f"`{CONDITION_ZEROED}` shows a blank slide (one all-zero tile at the origin); a model that "
-                     "reads the slide scores lower under both.")
-    else:
-        lines.append("Controls: not run (scored existing predictions, or `--no-controls`).")
+    lines = [*_md_header(results), *_md_closed(conds, names), *_md_consistency(results), *_md_open(conds, names),
+             *_md_reports(conds, names), _md_controls(names)]
     return "\n".join(lines) + "\n"
 
 
