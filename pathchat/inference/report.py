@@ -263,8 +263,9 @@ def _server_address() -> str:
 class GenerationServer:
     """Answers the report workers' section requests in batches, in a thread of the report process.
 
-    Workers connect once (`connect`) and send one slide's request at a time, then wait for its
-    answers. Each round takes every waiting request (at most `batch_slides` slides), so the batch
+    Workers connect once and send one slide's request at a time, then wait for its answers. Each
+    round takes every waiting request (at most `batch_slides` slides), after lingering `linger_s`
+    for stragglers (workers that finish preparing together arrive milliseconds apart), so the batch
     grows by itself when preparation runs ahead of generation. A request that cannot be answered
     (unreadable features, a recipe mismatch) is answered with an error for that slide alone.
 
@@ -272,10 +273,13 @@ class GenerationServer:
         load_slide: features h5 path -> prepared slide (the pipeline's loader, recipe checked).
         generator: the generation step.
         batch_slides: most slides per generation round.
+        linger_s: how long a round waits for more requests once one is there (small next to a round).
     """
 
-    def __init__(self, load_slide: Callable[[str], Any], generator: ReportGenerator, batch_slides: int = 4):
+    def __init__(self, load_slide: Callable[[str], Any], generator: ReportGenerator, batch_slides: int = 4,
+                 linger_s: float = 0.3):
         self.load_slide, self.generator, self.batch_slides = load_slide, generator, max(1, batch_slides)
+        self.linger_s = linger_s
         self.address = _server_address()
         self.authkey = secrets.token_bytes(16)
         self.listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
@@ -323,25 +327,34 @@ class GenerationServer:
                 continue
             self._new.put(conn)
 
+    def _receive(self, pending: list[tuple[Connection, dict[str, Any]]], timeout: float) -> None:
+        """Add the requests that arrive within `timeout` seconds to `pending`."""
+        while not self._new.empty():
+            self._conns.append(self._new.get())
+        waiting = {id(c) for c, _ in pending}
+        idle = [c for c in self._conns if id(c) not in waiting]
+        if not idle:
+            time.sleep(min(timeout, 0.05))
+            return
+        for conn in wait(idle, timeout=timeout):
+            try:
+                request = conn.recv()  # type: ignore[union-attr]
+            except (EOFError, OSError):  # the worker died or was retired
+                self._conns.remove(conn)  # type: ignore[arg-type]
+                continue
+            pending.append((conn, request))  # type: ignore[arg-type]
+
     def _serve_loop(self) -> None:
         pending: list[tuple[Connection, dict[str, Any]]] = []
         while not self._stop.is_set():
-            while not self._new.empty():
-                self._conns.append(self._new.get())
-            waiting = {id(c) for c, _ in pending}
-            idle = [c for c in self._conns if id(c) not in waiting]
-            for conn in wait(idle, timeout=0 if pending else 0.1) if idle else []:
-                try:
-                    request = conn.recv()  # type: ignore[union-attr]
-                except (EOFError, OSError):  # the worker died or was retired
-                    self._conns.remove(conn)  # type: ignore[arg-type]
-                    continue
-                pending.append((conn, request))  # type: ignore[arg-type]
-            if not idle and not pending:
-                time.sleep(0.05)
-            if pending:
-                batch, pending = pending[: self.batch_slides], pending[self.batch_slides:]
-                self._answer(batch)
+            self._receive(pending, 0.1)
+            if not pending:
+                continue
+            deadline = time.monotonic() + self.linger_s
+            while len(pending) < self.batch_slides and time.monotonic() < deadline and not self._stop.is_set():
+                self._receive(pending, max(0.0, deadline - time.monotonic()))
+            batch, pending = pending[: self.batch_slides], pending[self.batch_slides:]
+            self._answer(batch)
 
     def _answer(self, batch: list[tuple[Connection, dict[str, Any]]]) -> None:
         jobs: list[tuple[Connection, SlideQuestions]] = []
@@ -448,9 +461,11 @@ def report_one(source: Any, job_dir: Path, params: dict[str, Any], state: _Worke
     """One slide's report, in a batch worker: features, thumbnail and files here; answers from the server."""
     from pathchat.features.store import read_features_h5
 
+    t0 = time.perf_counter()
     prompts = load_prompt_set(params["runtime"]["prompts_file"])
     features = _features_for(source, params, state)
     bag = read_features_h5(features)
+    t1 = time.perf_counter()
     min_tiles = int(params["min_tiles"])
     answers = None
     if len(bag) >= min_tiles and len(bag) > 0:
@@ -460,6 +475,7 @@ def report_one(source: Any, job_dir: Path, params: dict[str, Any], state: _Worke
         if "error" in reply:
             raise GenerationError(f"{source.path}: the model could not answer: {reply['error']}")
         answers = [(str(t), np.asarray(r, np.float32)) for t, r in reply["answers"]]
+    t2 = time.perf_counter()
     thumb, downsample = _thumbnail(source.path)
     name = output_name(source.slide_id, params.get("salt"))
     files = None if params.get("salt") else [Path(f).name for f in source.files]
@@ -467,7 +483,11 @@ def report_one(source: Any, job_dir: Path, params: dict[str, Any], state: _Worke
                                           params["recipe_info"], min_tiles, int(params["top_k"]))
     paths = write_report_files(job_dir, name, report_dict, relevance, bag, thumb, downsample)
     return {"outputs": [str(p) for p in paths.values()],
-            "info": {"n_tiles": int(len(bag)), "status": report_dict["status"], "name": name},
+            "info": {"n_tiles": int(len(bag)), "status": report_dict["status"], "name": name,
+                     # where the slide's time went: features (cache or tile + encode), waiting for the
+                     # answers (queue + generation), thumbnail and files
+                     "seconds": {"features": round(t1 - t0, 3), "answers": round(t2 - t1, 3),
+                                 "files": round(time.perf_counter() - t2, 3)}},
             "state": "done" if answers is not None else "no_tissue"}
 
 
