@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/bench_generation.py
 	$(PY) bench/bench_default_model.py
 	$(PY) bench/bench_training.py
+	$(PY) bench/bench_reports.py
 
 lint: install
 	$(VENV)/bin/ruff check pathchat tests bench data_recipes
