@@ -53,6 +53,11 @@ class ConnectorConfig:
         if not self.feature_noise >= 0:
             raise ValueError(f"feature_noise must be >= 0, got {self.feature_noise}")
 
+    @property
+    def num_tokens(self) -> int:
+        """How many slide tokens a connector of this config outputs (each subclass says)."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-safe) holding the `type` tag and every field."""
         return dataclasses.asdict(self)
@@ -98,6 +103,12 @@ class Connector(nn.Module):
     config_class: ClassVar[type[ConnectorConfig]] = ConnectorConfig
     num_tokens: int
 
+    def __init__(self, config: ConnectorConfig) -> None:
+        """Every connector keeps its config (its type tag is saved in checkpoints) and its fixed token count."""
+        super().__init__()
+        self.config = config
+        self.num_tokens = config.num_tokens
+
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
                 tile_scale: Tensor | None = None, slide_size_um: Tensor | None = None) -> ConnectorOutput:
         raise NotImplementedError
@@ -132,13 +143,20 @@ class FeatureStandardizer(nn.Module):
         return f"dim={self.mean.shape[0]}, noise_std={self.noise_std}"
 
 
-def tile_normalisation(feature_dim: int, noise_std: float = 0.0) -> list[nn.Module]:
-    """The first layers of every connector's tile input: dataset statistics, then per-tile LayerNorm.
+def tile_projection(feature_dim: int, out_dim: int, noise_std: float = 0.0, hidden_dim: int | None = None
+                    ) -> nn.Sequential:
+    """Every connector's tile input: dataset statistics, per-tile LayerNorm, then a linear map to `out_dim`
+    (with `hidden_dim`, a two-layer GELU MLP through it). `[.., d_enc]` -> `[.., out_dim]`.
 
-    Encoders differ in feature scale by orders of magnitude; with both, one initialisation and
-    learning rate fit them all. ``noise_std``: see ``ConnectorConfig.feature_noise``.
+    Encoders differ in feature scale by orders of magnitude; with both normalisations, one initialisation
+    and learning rate fit them all. ``noise_std``: see ``ConnectorConfig.feature_noise``.
     """
-    return [FeatureStandardizer(feature_dim, noise_std), nn.LayerNorm(feature_dim)]
+    layers: list[nn.Module] = [FeatureStandardizer(feature_dim, noise_std), nn.LayerNorm(feature_dim)]
+    if hidden_dim is None:
+        layers.append(nn.Linear(feature_dim, out_dim))
+    else:
+        layers += [nn.Linear(feature_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim)]
+    return nn.Sequential(*layers)
 
 
 def set_feature_statistics(connector: nn.Module, mean: Tensor, std: Tensor, min_std: float = 1e-6) -> None:

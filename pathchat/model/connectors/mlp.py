@@ -20,7 +20,7 @@ from pathchat.model.connectors.base import (
     ConnectorConfig,
     ConnectorOutput,
     check_inputs,
-    tile_normalisation,
+    tile_projection,
 )
 
 _MASK64 = (1 << 64) - 1
@@ -101,14 +101,13 @@ class MLPConfig(ConnectorConfig):
 class MLPConnector(Connector):
     """Linear -> GELU -> Linear per sampled tile; a learned padding token fills up to k."""
 
+    config: MLPConfig
+
     config_class = MLPConfig
 
     def __init__(self, config: MLPConfig, feature_dim: int, llm_dim: int):
-        super().__init__()
-        self.config = config
-        self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise),
-                                 nn.Linear(feature_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        super().__init__(config)
+        self.mlp = tile_projection(feature_dim, llm_dim, config.feature_noise, hidden_dim=llm_dim)
         self.padding_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,

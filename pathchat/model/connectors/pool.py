@@ -18,7 +18,7 @@ from pathchat.model.connectors.base import (
     ConnectorOutput,
     check_inputs,
     normalise_relevance,
-    tile_normalisation,
+    tile_projection,
 )
 from pathchat.model.connectors.positions import (
     check_position_frame,
@@ -59,14 +59,13 @@ class PoolConfig(ConnectorConfig):
 class PoolConnector(Connector):
     """Mask-aware cell means of the raw features -> Linear, GELU, Linear; empty cells -> learned token."""
 
+    config: PoolConfig
+
     config_class = PoolConfig
 
     def __init__(self, config: PoolConfig, feature_dim: int, llm_dim: int):
-        super().__init__()
-        self.config = config
-        self.num_tokens = config.num_tokens
-        self.mlp = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise),
-                                 nn.Linear(feature_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        super().__init__(config)
+        self.mlp = tile_projection(feature_dim, llm_dim, config.feature_noise, hidden_dim=llm_dim)
         self.empty_token = nn.Parameter(torch.randn(llm_dim) * 0.02)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,

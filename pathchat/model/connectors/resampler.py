@@ -18,7 +18,7 @@ from pathchat.model.connectors.base import (
     ConnectorOutput,
     check_inputs,
     normalise_relevance,
-    tile_normalisation,
+    tile_projection,
 )
 
 
@@ -64,15 +64,14 @@ class ResamplerConfig(ConnectorConfig):
 class ResamplerConnector(Connector):
     """k latents -> query transformer over projected tiles -> LLM width."""
 
+    config: ResamplerConfig
+
     config_class = ResamplerConfig
 
     def __init__(self, config: ResamplerConfig, feature_dim: int, llm_dim: int):
-        super().__init__()
-        self.config = config
-        self.num_tokens = config.num_tokens
+        super().__init__(config)
         d = config.hidden_dim
-        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise),
-                                       nn.Linear(feature_dim, d))
+        self.tile_proj = tile_projection(feature_dim, d, config.feature_noise)
         self.latents = nn.Parameter(torch.randn(config.num_latents, d) * 0.02)
         self.transformer = QueryTransformer(d, config.num_heads, config.num_layers, config.ffn_ratio,
                                             num_kv_heads=config.num_kv_heads)

@@ -22,7 +22,7 @@ from pathchat.model.connectors.base import (
     ConnectorOutput,
     check_inputs,
     normalise_relevance,
-    tile_normalisation,
+    tile_projection,
 )
 from pathchat.model.connectors.positions import (
     FourierPositions,
@@ -96,15 +96,14 @@ class ScaleInvariantConfig(ConnectorConfig):
 class ScaleInvariantConnector(Connector):
     """Grid + latent queries cross-attending to position-encoded tiles; relevance from the last layer."""
 
+    config: ScaleInvariantConfig
+
     config_class = ScaleInvariantConfig
 
     def __init__(self, config: ScaleInvariantConfig, feature_dim: int, llm_dim: int):
-        super().__init__()
-        self.config = config
-        self.num_tokens = config.num_tokens
+        super().__init__(config)
         d = config.hidden_dim
-        self.tile_proj = nn.Sequential(*tile_normalisation(feature_dim, config.feature_noise),
-                                       nn.Linear(feature_dim, d))
+        self.tile_proj = tile_projection(feature_dim, d, config.feature_noise)
         self.positions = FourierPositions(config.num_frequencies, config.min_wavelength_um,
                                           config.max_wavelength_um, d, num_scales=config.num_scales)
         self.cell_embedding = nn.Parameter(torch.randn(config.grid_size**2, d) * 0.02)
