@@ -57,6 +57,7 @@ bench: install
 	$(PY) bench/bench_connector.py
 	$(PY) bench/bench_generation.py
 	$(PY) bench/bench_default_model.py
+	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_training.py
 	$(PY) bench/bench_reports.py
 

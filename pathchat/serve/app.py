@@ -162,6 +162,8 @@ def build_app(settings: ServeSettings, pipeline: ChatPipeline, slides_dir: Path)
             yield _chat(history, question, str(e)), "", "", ""
             return
         shown = question if region is None else f"[region {region[0]},{region[1]} {region[2]}x{region[3]} px] {question}"
+        # the question shows at once; the answer follows as it streams
+        yield [*(history or []), {"role": "user", "content": shown}], "", "", ""
         evidence = None
         for piece in service.ask(conv, question, region=region):
             evidence = piece.evidence

@@ -4,7 +4,8 @@
 (function () {
   "use strict";
   const state = { viewer: null, heatmap: null, opacity: 0.5, showHeatmap: true, mpp: null,
-                  drawing: false, region: null, regionEl: null, regionLabels: [], dragStart: null };
+                  drawing: false, region: null, regionEl: null, regionLabels: [], dragStart: null,
+                  answersDone: 0 };
 
   function viewerElement() { return document.getElementById("pathchat-viewer"); }
 
@@ -78,7 +79,9 @@
     return item.imageToViewportRectangle(rect[0], rect[1], rect[2], rect[3]);
   }
 
+  // Called after every answer completes (with or without evidence): `answersDone` counts them.
   function showEvidence(evidence) {
+    state.answersDone += 1;
     evidence = parse(evidence);
     const viewer = state.viewer;
     if (!viewer || !evidence || !viewer.world.getItemCount()) return [];
@@ -188,5 +191,5 @@
   function region() { return state.region ? state.region.join(",") : ""; }
 
   window.pathchat = { open, showEvidence, setHeatmap, setDrawing, clearRegion, region, panTo,
-                      viewer: () => state.viewer };
+                      viewer: () => state.viewer, answersDone: () => state.answersDone };
 })();
