@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from data_recipes.synthetic.build import BuildConfig, build_dataset, hard_types
 from data_recipes.synthetic.general_chat import GENERAL_EVAL, REHEARSAL_PROMPTS, passes
@@ -57,24 +58,28 @@ CLOSED_TYPES = tuple(k for k, v in QUESTION_TYPES.items() if v.kind == "closed")
 class DefaultModelConfig:
     """Sizes and schedule of the recipe (defaults: the shipped model)."""
 
-    train_slides: int = 300
+    train_slides: int = 300  # the dataset's sizes (another size builds another dataset)
     heldout_slides: int = 100
+    use_train_slides: int | None = None  # train on the first N training slides only (None: all)
+    eval_slides: int | None = None  # score on the first N held-out slides only (None: all)
     seed: int = 0
     system_prompt: str = SYSTEM_PROMPT
     connector: dict[str, Any] = field(default_factory=lambda: {
         "type": "scale_invariant", "grid_size": 2, "num_latents": 0, "hidden_dim": 96, "num_heads": 4,
         "num_kv_heads": 2, "num_layers": 2, "position_frame": "slide", "local_grid": True, "feature_noise": 0.5})
-    align_rounds: int = 2  # reports per training slide in stage 1, each in a drawn phrasing
-    align_epochs: float = 2.0
+    align_rounds: int = 3  # reports per training slide in stage 1, each in a drawn phrasing
+    align_epochs: float = 1.0
     align_lr: float = 2e-3
-    align_batch_size: int = 16
-    instruct_rounds: int = 2  # rounds of freshly worded questions per training slide in stage 2
+    align_batch_size: int = 8
+    instruct_rounds: int = 1  # rounds of freshly worded questions per training slide in stage 2
+    max_per_type: int = 2  # presence and location asked about up to this many classes a round
+    open_questions: int = 2  # open questions a round
     instruct_epochs: float = 1.0
     instruct_lr: float = 1e-3
-    instruct_batch_size: int = 16
-    hard_repeats: int = 1  # extra rounds of the hard types where they are hard (`build.hard_types`)
+    instruct_batch_size: int = 8
+    hard_repeats: int = 0  # extra rounds of the hard types where they are hard (`build.hard_types`)
     pack_max_records: int = 8
-    rehearsal_per_round: int = 60  # general prompts (base SmolLM2's answers) attached to training slides
+    rehearsal_per_round: int = 30  # general prompts (base SmolLM2's answers) attached to training slides
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] | None = None  # None: every attention and MLP projection
@@ -128,9 +133,11 @@ def training_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
     prompts = sorted(rehearsal or {})
     for r in range(cfg.instruct_rounds):
         for t in truths:
-            items = slide_questions(t, rng, balancer, max_per_type=3, open_questions=None, wordings=TRAIN_WORDINGS)
+            items = slide_questions(t, rng, balancer, max_per_type=cfg.max_per_type,
+                                    open_questions=cfg.open_questions, wordings=TRAIN_WORDINGS)
             for _ in range(cfg.hard_repeats):
-                items += slide_questions(t, rng, balancer, max_per_type=3, only=hard_types(t), wordings=TRAIN_WORDINGS)
+                items += slide_questions(t, rng, balancer, max_per_type=cfg.max_per_type, only=hard_types(t),
+                                         wordings=TRAIN_WORDINGS)
             items = [items[i] for i in rng.permutation(len(items))]
             recs = [conversation(t.slide_id, f"{t.slide_id}/r{r}q{j:02d}", [(it.user_text(), it.assistant_text())])
                     for j, it in enumerate(items)]
@@ -217,7 +224,7 @@ def score_reports(reports: dict[str, str], truths: dict[str, SlideTruth]) -> dic
 
 
 def _stage(stage: str, out: Path, records: Path, features: Path, cfg: DefaultModelConfig,
-           init_from: Path | None = None) -> Any:
+           init_from: Path | None = None, progress: bool = False) -> Any:
     from pathchat.training.config import DataConfig, LoraConfigSpec, ModelConfig, StageConfig, TrainingConfig
 
     align = stage == "align"
@@ -236,25 +243,29 @@ def _stage(stage: str, out: Path, records: Path, features: Path, cfg: DefaultMod
             learning_rate=cfg.align_lr if align else cfg.instruct_lr,
             batch_size=cfg.align_batch_size if align else cfg.instruct_batch_size,
             warmup_ratio=0.05, weight_decay=0.0, seed=cfg.seed, precision=cfg.precision,  # type: ignore[arg-type]
-            logging_steps=10, save_steps=0, report_to=[], progress=False, resume="never"),
+            logging_steps=10, save_steps=0, report_to=[], progress=progress, resume="never"),
     )
 
 
-def rehearsal_answers(prompts: tuple[str, ...], system_prompt: str, max_new_tokens: int = 96) -> dict[str, str]:
-    """Base SmolLM2's greedy answers to `prompts` (no slide), the rehearsal targets."""
+def base_answers(prompts: list[str] | tuple[str, ...], system_prompt: str, max_new_tokens: int = 64) -> list[str]:
+    """Base SmolLM2's greedy answers to `prompts` (no slide), in one left-padded `generate` batch."""
     import torch
 
     from pathchat.model.smollm import load_smollm2
 
     lm, tok = load_smollm2()
-    out = {}
-    for p in prompts:
-        ids = tok.apply_chat_template([{"role": "system", "content": system_prompt}, {"role": "user", "content": p}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            gen = lm.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        out[p] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    return out
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "system", "content": system_prompt}, {"role": "user", "content": p}],
+                                     add_generation_prompt=True, tokenize=False) for p in prompts]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        gen = lm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in gen]
+
+
+def rehearsal_answers(prompts: tuple[str, ...], system_prompt: str) -> dict[str, str]:
+    """Base SmolLM2's answers to the rehearsal prompts: the targets that keep its general chat."""
+    return dict(zip(prompts, base_answers(prompts, system_prompt), strict=True))
 
 
 def set_default_system_prompt(folder: Path, system_prompt: str) -> None:
@@ -313,24 +324,13 @@ def _generate_reports(model: Any, tokenizer: Any, features: Path, truths: list[S
 
 def _general_chat(model: Any, tokenizer: Any, features: Path, slide: str, system_prompt: str) -> dict[str, Any]:
     """The 20 general prompts: the tuned model with `slide` open, and base SmolLM2 without one."""
-    import torch
-
     from pathchat.data.slide_features import SlideFeatureStore
     from pathchat.inference.engine import generate_batch
-    from pathchat.model.smollm import load_smollm2
 
     tiles = SlideFeatureStore(str(features), max_tiles=None).load(slide)
     tuned = generate_batch(model, tokenizer, [(tiles.features, tiles.coords_um, g.prompt) for g in GENERAL_EVAL],
                            max_new_tokens=64, slide_sizes=[tiles.slide_size_um] * len(GENERAL_EVAL))
-    lm, tok = load_smollm2()
-    base = []
-    for g in GENERAL_EVAL:
-        ids = tok.apply_chat_template([{"role": "system", "content": system_prompt},
-                                       {"role": "user", "content": g.prompt}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            gen = lm.generate(**ids, max_new_tokens=64, do_sample=False)
-        base.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    base = base_answers([g.prompt for g in GENERAL_EVAL], system_prompt)
     rows = [{"prompt": g.prompt, "tuned": t, "tuned_pass": passes(g, t), "base": b, "base_pass": passes(g, b)}
             for g, t, b in zip(GENERAL_EVAL, tuned, base, strict=True)]
     return {"tuned_passed": sum(r["tuned_pass"] for r in rows), "base_passed": sum(r["base_pass"] for r in rows),
@@ -356,7 +356,9 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
     build_dataset(data, BuildConfig(train=cfg.train_slides, heldout=cfg.heldout_slides, seed=cfg.seed),
                   progress=progress, probe=False)
     features = data / "features"
-    train_truths, heldout_truths = _truths(data / "instruct.jsonl"), _truths(data / "heldout.jsonl")
+    train_truths = _truths(data / "instruct.jsonl")[: cfg.use_train_slides]
+    heldout_truths = _truths(data / "heldout.jsonl")[: cfg.eval_slides]
+    kept = {t.slide_id for t in heldout_truths}
     times["build_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -370,7 +372,7 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
         (records / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     closed = [json.loads(line) for line in (data / "heldout_questions.jsonl").read_text().splitlines() if line.strip()]
     (records / "heldout_closed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in closed
-                                                          if r["kind"] == "closed"))
+                                                          if r["kind"] == "closed" and r["slide"] in kept))
     (records / "heldout_reworded.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in reworded_questions(heldout_truths, cfg.seed)))
     times["records_s"] = time.perf_counter() - t
@@ -381,7 +383,7 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
     for stage, init in (("align", None), ("instruct", out / "align")):
         t = time.perf_counter()
         if not (out / stage / "config.json").is_file():
-            res = train_stage(_stage(stage, out / stage, records / f"{stage}.jsonl", features, cfg, init))
+            res = train_stage(_stage(stage, out / stage, records / f"{stage}.jsonl", features, cfg, init, progress))
             results[stage] = {"steps": res.global_step, "first_loss": res.losses[0] if res.losses else None,
                               "final_loss": res.losses[-1] if res.losses else None, "samples": res.num_samples,
                               "answers": res.num_answers}
@@ -434,9 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--ship", action="store_true", help="copy the trained model into pathchat/assets/default_model/")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a DefaultModelConfig field (YAML value), e.g. --set instruct_rounds=2")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = DefaultModelConfig(seed=args.seed, threads=args.threads)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        if key not in names:
+            p.error(f"--set {item}: no field {key!r} (fields: {sorted(names)})")
+        setattr(cfg, key, yaml.safe_load(raw))
     summary = run_default_model(args.out, cfg, progress=not args.no_progress)
     if args.ship:
         from pathchat.model.builtin import ship_model
