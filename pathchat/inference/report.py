@@ -306,6 +306,9 @@ class GenerationServer:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        # closing a listening socket does not wake a thread blocked in accept(): a last client does
+        with contextlib.suppress(Exception):
+            Client(self.address, family="AF_UNIX", authkey=self.authkey).close()
         with contextlib.suppress(OSError):
             self.listener.close()
         for t in self._threads:
@@ -462,7 +465,7 @@ def report_one(source: Any, job_dir: Path, params: dict[str, Any], state: _Worke
     from pathchat.features.store import read_features_h5
 
     t0 = time.perf_counter()
-    prompts = load_prompt_set(params["runtime"]["prompts_file"])
+    prompts: PromptSet = params["runtime"]["prompts"]  # parsed once, so every slide asks the same set
     features = _features_for(source, params, state)
     bag = read_features_h5(features)
     t1 = time.perf_counter()
@@ -580,7 +583,7 @@ def run_reports(slides: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     with GenerationServer(loader, gen, batch_slides=batch_size) as server:
         runtime = {"server": server.endpoint(), "threads": worker_threads, "cache": str(cache),
                    "extract": extract_cfg.to_dict(), "device": _extract_device(pipe),
-                   "prompts_file": None if prompts is None else str(Path(prompts).resolve())}
+                   "prompts": prompt_set}
         runner = BatchRunner(out_dir, "report", report_one, params, workers=workers or _default_workers(batch_size),
                              timeout_s=timeout_s, setup=setup_report_worker, slides_per_worker=None,
                              progress=progress, runtime_params={"runtime": runtime},

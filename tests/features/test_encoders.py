@@ -114,6 +114,7 @@ VIT_TINY_EXPECTED = torch.tensor([[-0.366260, -1.051154, -0.576258, 0.833442],
                                   [-0.357698, -1.035183, -0.583433, 0.716229]])
 
 
+@pytest.mark.slow
 def test_random_vit_tiny_is_deterministic():
     a, b = load_encoder("random-vit-tiny"), load_encoder("random-vit-tiny", pretrained=False)
     state_a, state_b = a.model.state_dict(), b.model.state_dict()
@@ -130,6 +131,7 @@ def test_random_vit_tiny_is_deterministic():
     assert not torch.allclose(other.encode(tiles), out_a)
 
 
+@pytest.mark.slow
 def test_random_weights_leave_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -185,6 +187,7 @@ def test_resize_and_crop_match_torchvision(resize, crop, interpolation, shape):
 
 # -- generic forms --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_timm_generic_form(tmp_path):
     spec = get_encoder_spec("timm:resnet18")
     assert spec.dim == 512 and spec.source == "timm" and spec.hub_id == "timm/resnet18.a1_in1k"
@@ -199,6 +202,7 @@ def test_timm_generic_form(tmp_path):
         get_encoder_spec("timm:resnet18x")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
 def test_hf_generic_form_from_a_local_snapshot(tmp_path, monkeypatch, kind):
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
@@ -278,6 +282,7 @@ def test_weights_map_errors_name_the_file_and_the_entry(tmp_path, monkeypatch):
     assert load_weights_map() == {}  # no map configured: nothing mapped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_local_weights_file_through_the_weights_map(tmp_path, monkeypatch, fmt):
     original = load_encoder("resnet50", pretrained=False, seed=3)
@@ -302,6 +307,7 @@ def test_local_weights_file_through_the_weights_map(tmp_path, monkeypatch, fmt):
     assert loaded.fingerprint.startswith(f"resnet50|file:{file.resolve()}|")
 
 
+@pytest.mark.slow
 def test_official_checkpoint_layouts_load(tmp_path):
     """A CONCH v1 CoCa checkpoint (`visual.*` plus text towers) and a full ResNet-50 (layer4, fc) load."""
     conch = load_encoder("conch_v1", pretrained=False, seed=5)
@@ -367,6 +373,7 @@ def test_weights_available_offline(tmp_path):
     assert offline["random-vit-tiny"] and offline["uni_v1"] and not offline["uni_v2"]
 
 
+@pytest.mark.slow
 def test_import_is_light():
     """No timm / transformers / hub import (nor any network or CUDA probe) when the package is imported."""
     code = ("import sys, pathchat.features.encoders; "

@@ -68,6 +68,7 @@ def test_extract_real_slides_writes_features_for_every_readable_one(tmp_path, ca
     assert "done 0 / no_tissue 0 / skipped 6 / failed 7" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_corrupt_tiles_are_recorded_and_skipped(tmp_path):
     # Tile the intact slide, then extract from the damaged copy under the same name: the coordinates
     # are reused (fingerprint rewritten to the damaged file's) and the damaged tiles are skipped.
@@ -100,6 +101,7 @@ def _synthetic_slides(folder: Path, n: int) -> list[Path]:
     ]
 
 
+@pytest.mark.slow
 def test_encoding_a_slide_closes_it(tmp_path):
     """The tile reader's slide is closed when its tiles are encoded (it used to wait for garbage
     collection: an "unclosed file" ResourceWarning per slide in every extraction worker)."""
@@ -138,6 +140,7 @@ def test_two_processes_share_one_job_and_do_each_slide_once(tmp_path):
     assert not list((job / ".locks").rglob("*.lock"))  # every lock released
 
 
+@pytest.mark.slow
 def test_stale_locks_are_taken_over_dead_and_reused_pids_alike(tmp_path):
     _synthetic_slides(tmp_path / "slides", 2)
     job = tmp_path / "job"
@@ -172,6 +175,7 @@ def test_second_magnification_is_stored_beside_the_first(tmp_path):
     assert at5.patch_size_level0 == 4 * at20.patch_size_level0
 
 
+@pytest.mark.slow
 def test_unknown_or_unavailable_encoders_are_usage_errors(tmp_path, capsys, monkeypatch):
     assert main(["extract", str(CMU), "--out", str(tmp_path / "j"), "--encoder", "uni_v3"]) == 1
     assert "uni_v1" in capsys.readouterr().err  # close matches are suggested

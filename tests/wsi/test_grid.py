@@ -43,6 +43,7 @@ def _tile(path, **params):
         ("scan20x", 0.5, (1, 4), 20),  # a 20x scan at 40x would need upsampling: see the low-resolution test
     ],
 )
+@pytest.mark.slow
 def test_exact_tile_counts_for_known_geometry(tmp_path, name, mpp, downsamples, mag):
     grid = _tile(_synthetic(tmp_path, name, mpp, downsamples), magnification=mag)
     assert len(grid) == EXPECTED[mag]
@@ -55,6 +56,7 @@ def test_exact_tile_counts_for_known_geometry(tmp_path, name, mpp, downsamples, 
     assert grid.tissue_fraction.min() > 0.9
 
 
+@pytest.mark.slow
 def test_40x_slide_with_and_without_a_20x_level_gives_the_same_grid(tmp_path):
     with_20x = _tile(_synthetic(tmp_path, "a", 0.25, (1, 2, 8)), magnification=20)
     without = _tile(_synthetic(tmp_path, "b", 0.25, (1, 4, 16)), magnification=20)
@@ -65,6 +67,7 @@ def test_40x_slide_with_and_without_a_20x_level_gives_the_same_grid(tmp_path):
     assert with_20x.mpp == without.mpp == 0.5
 
 
+@pytest.mark.slow
 def test_the_same_tissue_gives_the_same_physical_grid_at_20x_and_40x_scans(tmp_path):
     g40 = _tile(_synthetic(tmp_path, "s40", 0.25, (1, 4)), magnification=20)
     g20 = _tile(_synthetic(tmp_path, "s20", 0.5, (1, 4)), magnification=20)

@@ -114,6 +114,7 @@ def test_tiles_are_the_pixels_trident_and_clam_read_edges_included(cmu_job):
     assert same_in_white == (~sticks_out).tolist()  # white differs exactly on the edge tiles
 
 
+@pytest.mark.slow
 def test_edge_pixels_are_recorded_and_a_job_never_mixes_them(tmp_path):
     spec = SyntheticSlideSpec(1000, 700, mpp=0.5, regions=(TissueRegion("tumor", 300, 150, 200, 200),), seed=3)
     slide = write_synthetic_slide(tmp_path / "edge.svs", spec)
@@ -157,6 +158,7 @@ def _make_legacy(job: Path, slide_id: str) -> Path:
     return legacy
 
 
+@pytest.mark.slow
 def test_an_old_job_folder_keeps_working_and_is_not_redone(tmp_path):
     spec = SyntheticSlideSpec(1024, 1024, mpp=0.5, regions=(TissueRegion("tumor", 64, 64, 256, 256),), seed=5)
     slide = write_synthetic_slide(tmp_path / "old.svs", spec)
@@ -192,6 +194,7 @@ def _shared_tissue() -> list[tuple[str, object]]:
     return masks
 
 
+@pytest.mark.slow
 def test_tissue_geojson_is_valid_oriented_and_read_by_qupaths_reader(cmu_job):
     # QuPath's own Python reader (qubalab) on the file `pathchat tile` wrote
     text = (cmu_job / FOLDER / "contours_geojson" / "CMU-1-Small-Region.geojson").read_text()

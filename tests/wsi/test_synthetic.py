@@ -50,6 +50,7 @@ def aperio(aperio_path):
         yield slide
 
 
+@pytest.mark.slow
 def test_aperio_layout(aperio):
     assert aperio.properties["openslide.vendor"] == "aperio"
     assert aperio.level_count == 3

@@ -88,6 +88,7 @@ def test_cli_tiles_every_readable_slide_and_reports_every_bad_one(tmp_path, caps
     assert len(read_jsonl(job / "failures.jsonl")) == 7
 
 
+@pytest.mark.slow
 def test_tcga_tiles_with_a_resolution_given_and_its_failure_row_clears(tmp_path):
     job = tmp_path / "job"
     assert tile_slides([TCGA], job, progress=False).failed == 1
@@ -204,6 +205,7 @@ def test_a_job_killed_at_any_moment_loses_and_duplicates_nothing(tmp_path):
                 assert sha256_file(job / rel) == digest
 
 
+@pytest.mark.slow
 def test_a_hanging_crashing_or_raising_slide_fails_alone(tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()

@@ -58,6 +58,7 @@ def _layout(mpp: float):
     return blob_image(px(1200), px(900), boxes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mpp", [0.25, 0.5, 1.0])
 def test_faint_tissue_survives_and_dust_goes_at_any_magnification(mpp):
     img = _layout(mpp)
