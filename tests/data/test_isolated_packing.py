@@ -34,6 +34,7 @@ def _records(slide: str) -> list[ConversationRecord]:
             for i, (q, a) in enumerate(QUESTIONS)]
 
 
+@pytest.mark.slow
 def test_each_packed_record_computes_as_if_alone(toy):
     model, tok = build_tiny("qwen2", feature_dim=DIM)
     store = SlideFeatureStore(toy["features"])
