@@ -28,6 +28,7 @@ CMU = SLIDES / "aperio" / "CMU-1-Small-Region.svs"
 TCGA = SLIDES / "aperio" / "tcga-cr-7395-01a-01-ts1.svs"
 ZEROED = SLIDES / "bad" / "CMU-1-Small-Region.zeroed-600000-700000.svs"
 TEXT = SLIDES.parent / "text"  # real question/answer files (no slides behind them)
+ODD = SLIDES.parent / "odd_slides"  # seven unusual real files from other projects' test suites (README there)
 
 
 def blob_image(width: int, height: int, boxes: list[tuple[int, int, int, int, tuple[int, int, int]]],

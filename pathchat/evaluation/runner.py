@@ -508,6 +508,7 @@ def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
     device = _device(cfg.device)
     # Full, connector-only (stage 1) and LoRA checkpoints alike, told apart by their files.
     model, tokenizer = load_pathchat(cfg.model, device=device)
+    _write_run_config(cfg, pred_path.parent)  # only a run that can answer binds its folder
     _check_feature_recipes(model, {a.features_path for a in asks if a.features_path is not None})
     cache = _FeatureCache()
     # Same kind and slide together: similar prompt lengths and tile counts, and the cache stays warm.
@@ -587,12 +588,16 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
                     "failed_unanswered_questions": len(missing) + len(read.affected) if as_failed else 0,
                     "prediction_file_problems": read.problems[:20]}
     else:
-        assert cfg.features is not None
+        assert cfg.features is not None and cfg.model is not None
+        from pathchat.model.pretrained import checkpoint_kind
+
+        checkpoint_kind(cfg.model)  # a damaged checkpoint is named before anything is planned
         asks, coverage = _plan(cfg, questions, FeatureResolver(cfg.features))
+        if questions and not coverage["asked_questions"]:
+            raise FileNotFoundError(f"no question can be asked: none of the {coverage['missing_feature_slides']} "
+                                    f"slides has a feature file in {cfg.features}")
         todo = [a for a in asks if (a.question.id, a.condition) not in done]
         skipped = len(asks) - len(todo)
-        if todo:
-            _write_run_config(cfg, out)
         asked = _generate(cfg, todo, pred_path) if todo else 0
     scores = score_rows(questions, read_jsonl(pred_path))
     results = {

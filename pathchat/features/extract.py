@@ -22,8 +22,9 @@ from pathchat.features.encoders import LoadedEncoder, get_encoder_spec, load_enc
 from pathchat.features.encoders.spec import PRECISIONS
 from pathchat.features.store import FeatureBag, features_path, write_features_h5
 from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
+from pathchat.utils.checks import check_out_folder, check_positive
 from pathchat.wsi.coords import TileCoords, read_coords_h5
-from pathchat.wsi.discovery import SlideSource, discover_slides
+from pathchat.wsi.discovery import SlideSource, find_slides_or_fail
 from pathchat.wsi.errors import SlideError
 from pathchat.wsi.reader import TileDataset, TileFailure, tile_loader
 from pathchat.wsi.tile_job import TileJobConfig, find_coords_file, output_paths, tile_one
@@ -42,6 +43,11 @@ class ExtractJobConfig:
     feature_dtype: str = "float32"  # "float32" or "float16" on disk
     encoder_identity: str = ""  # cheap identity of the weights (path, size, mtime), filled by `resolve`
 
+    def __post_init__(self) -> None:
+        check_positive("--extra-mag", self.extra_magnification)
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ValueError(f"--feature-dtype must be float32 or float16, got {self.feature_dtype!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tile": self.tile.to_dict()}  # the tile config's own resume-key form
 
@@ -58,6 +64,14 @@ class RuntimeOptions:
     loader_workers: int = 2  # tile-decoding processes per extraction worker
     device: str = "auto"  # "auto" = cuda:LOCAL_RANK when CUDA is available, else cpu
     dtype: str = "auto"  # GPU compute precision: "auto" (the encoder's recommended), "fp32", "fp16", "bf16"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"--batch-size must be an integer >= 1, got {self.batch_size!r}")
+        if isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise ValueError(f"--workers must be an integer >= 0 (tile-decoding processes), got {self.loader_workers!r}")
+        if self.dtype not in ("auto", *PRECISIONS):
+            raise ValueError(f"--dtype must be one of auto, {', '.join(PRECISIONS)}, got {self.dtype!r}")
 
 
 def _file_identity(path: str | None) -> str:
@@ -187,7 +201,8 @@ def extract_slide(source: SlideSource, job_dir: Path, cfg: ExtractJobConfig, enc
         on_progress: `(stage, done, total)` with stage "tiling" (0 / 1, then 1 / 1) or "encoding"
             (tiles done / tiles).
     Returns:
-        {"outputs": [coords and features files], "info": {...}} as the batch runner records it.
+        {"state": "done" or "no_tissue", "outputs": [coords and features files], "info": {...}} as the
+        batch runner records it.
     """
     fingerprint = fingerprint_slide(source)
     state = _WorkerState(encoder, runtime)
@@ -220,8 +235,11 @@ def extract_slide(source: SlideSource, job_dir: Path, cfg: ExtractJobConfig, enc
         outputs += [str(coords_file), str(out)]
         key = "features" if mag is None else f"features_{mag:g}x"
         info[key] = {"n_tiles": int(len(feats)), "failed_tiles": [f.to_dict() for f in failed[:50]],
-                     "n_failed_tiles": len(failed), "magnification": bag.magnification}
-    return {"outputs": outputs, "info": info}
+                     "n_failed_tiles": len(failed), "magnification": bag.magnification,
+                     "n_grid_tiles": int(len(tile_coords.l0_coords))}
+    # No tile with tissue at the main magnification: an empty features file, and the `no_tissue` outcome
+    state = "no_tissue" if info["features"]["n_grid_tiles"] == 0 else "done"
+    return {"state": state, "outputs": outputs, "info": info}
 
 
 def extract_slides(
@@ -247,16 +265,21 @@ def extract_slides(
         workers: extraction worker processes in this process (each loads the encoder once).
         timeout_s: a slide still running after this many seconds is killed and recorded as failed.
     Returns:
-        The done / skipped / failed counts and the failure rows.
+        The done / no_tissue / skipped / failed counts, the failure rows and the files passed over.
     Raises:
+        ValueError: a bad value, `out` an existing file, or no slide at all under `slides`.
         EncoderNotFoundError: unknown encoder.
         BatchSetupError: the encoder could not be loaded (e.g. gated weights offline).
     """
+    check_out_folder(out)
+    check_positive("--timeout", timeout_s, allow_none=False, unit=" of seconds")
     cfg = resolve(config or ExtractJobConfig())
     run = runtime or RuntimeOptions()
-    sources = discover_slides(list(slides))
+    found = find_slides_or_fail(list(slides))
     params = {"config": cfg.to_dict()}
     runner = BatchRunner(out, "extract", extract_one, params, workers=workers, timeout_s=timeout_s,
                          setup=setup_worker, slides_per_worker=None, progress=progress,
                          runtime_params={"runtime": asdict(run)}, expected_errors=(SlideError,))
-    return runner.run(sources)
+    summary = runner.run(found.sources)
+    summary.ignored = found.ignored
+    return summary

@@ -124,11 +124,33 @@ def load_language_model(
     return model, tokenizer
 
 
+def _check_config_file(path: Path) -> None:
+    """A PathChat config.json names itself and its language model; anything else is refused before a model
+    is built from it (a config with neither would build the default, multi-billion-parameter LM).
+
+    Raises:
+        ValueError: naming the file and what is wrong.
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(config, dict) or config.get("model_type") != PathChatConfig.model_type:
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: not a PathChat config (model_type {found!r}, expected "
+                         f"{PathChatConfig.model_type!r})")
+    text = config.get("text_config")
+    if not isinstance(text, dict) or not text.get("model_type"):
+        raise ValueError(f"{path}: 'text_config' with the language model's model_type is missing; "
+                         "the checkpoint is damaged")
+
+
 def checkpoint_kind(folder: str | os.PathLike[str]) -> str:
     """"full", "lora" or "connector" from the files present; raises naming the folder otherwise."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a PathChat checkpoint (no config.json)")
+    _check_config_file(folder / "config.json")
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return "full"
     if (folder / "adapter_config.json").is_file() and (folder / CONNECTOR_WEIGHTS_NAME).is_file():
@@ -164,9 +186,14 @@ def load_pathchat(
     """
     folder = Path(folder)
     kind = checkpoint_kind(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if verify:  # first: a damaged file is named before anything is built from it
+        verify_manifest(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{folder}: cannot load the checkpoint's tokenizer ({' '.join(str(e).split())[:300]})") from e
     if kind == "full":
-        kwargs: dict[str, Any] = {"verify_manifest": verify}
+        kwargs: dict[str, Any] = {"verify_manifest": False}  # verified above
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         if dtype is not None:
@@ -176,7 +203,6 @@ def load_pathchat(
         model = PathChatForConditionalGeneration.from_pretrained(folder, **kwargs)
     else:
         if verify:
-            verify_manifest(folder)
             from pathchat.model.builtin import check_base_model
 
             check_base_model(folder, json.loads((folder / "config.json").read_text()))

@@ -236,6 +236,9 @@ def explain(error: Exception, parser: ArgumentParser, argv: Sequence[str]) -> st
     message = str(error)
     config_files = [argv[i + 1] for i, t in enumerate(argv[:-1]) if t == "--config"]
     config_files += [t.split("=", 1)[1] for t in argv if t.startswith("--config=")]
+    if message.startswith(("Problems parsing config", "Unexpected config")):  # a YAML that does not parse
+        files = config_files or [t for t in argv if not t.startswith("-") and t.endswith((".yaml", ".yml"))]
+        return f"{', '.join(files) or 'config'}: not a valid config: {' '.join(message.split())}"
     for pattern in _UNKNOWN:
         m = pattern.search(message)
         if not m:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pathchat.utils.checks import check_positive, check_range
 from pathchat.wsi.errors import ResolutionTooLowError
 from pathchat.wsi.slide import Slide
 from pathchat.wsi.tissue import TissueMask
@@ -39,10 +40,9 @@ class TilingParams:
     def __post_init__(self) -> None:
         if self.magnification is not None and self.mpp is not None:
             raise ValueError("give --mag or --mpp, not both")
-        if self.magnification is not None and self.magnification <= 0:
-            raise ValueError(f"--mag must be positive, got {self.magnification}")
-        if self.mpp is not None and self.mpp <= 0:
-            raise ValueError(f"--mpp must be positive, got {self.mpp}")
+        check_positive("--mag", self.magnification)
+        check_positive("--mpp", self.mpp, unit=" of µm per pixel")
+        check_positive("--snap-tolerance", self.snap_tolerance)
         # One canonical form (the target mpp), so 20x, 0.5 µm/px and the default compare equal
         # wherever settings are compared (resume keys, reuse of coordinates).
         object.__setattr__(self, "mpp", self.target_mpp)
@@ -51,8 +51,7 @@ class TilingParams:
             raise ValueError(f"--tile-size must be at least 8 px, got {self.tile_px}")
         if not 0 <= self.overlap_px < self.tile_px:
             raise ValueError(f"--overlap must be in [0, tile size), got {self.overlap_px}")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        check_range("--min-tissue", self.min_tissue, 0.0, 1.0, allow_none=False)
         if self.low_resolution not in ("native", "error"):
             raise ValueError(f"--low-res must be 'native' or 'error', got {self.low_resolution!r}")
 

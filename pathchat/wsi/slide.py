@@ -293,11 +293,17 @@ class OpenSlideSlide(Slide):
     def _open(self) -> Any:
         import openslide
 
+        from pathchat.wsi.formats import diagnose_unopenable
+
         try:
             return openslide.OpenSlide(self._open_target)
         except openslide.OpenSlideUnsupportedFormatError as e:
-            raise UnsupportedFormatError(self.path, "not a slide format OpenSlide recognises") from e
+            raise diagnose_unopenable(self._open_target) or UnsupportedFormatError(
+                self.path, "not a slide format OpenSlide recognises") from e
         except openslide.OpenSlideError as e:
+            known = diagnose_unopenable(self._open_target)  # the header says: not supported, or damaged
+            if known is not None:
+                raise known from e
             if "unsupported" in str(e).lower():
                 raise UnsupportedFormatError(self.path, f"OpenSlide cannot open it: {e}") from e
             raise CorruptSlideError(self.path, f"OpenSlide cannot open it: {e}") from e
@@ -436,6 +442,8 @@ def open_plain_image(
     """Open a PNG/JPEG/single-level TIFF as a one-level slide, checking its size before decoding."""
     from PIL import Image, UnidentifiedImageError
 
+    from pathchat.wsi.formats import NOT_RGB_MODES, not_brightfield
+
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -443,6 +451,8 @@ def open_plain_image(
                 raise SlideTooLargeError(
                     path, f"plain image of {w}x{h} px exceeds {max_image_pixels:,} px; convert it to a pyramidal TIFF"
                 )
+            if im.mode in NOT_RGB_MODES:
+                raise not_brightfield(path, int(getattr(im, "n_frames", 1)), im.mode)
             # Pillow's own bomb guard would refuse large images we have already size-checked.
             previous = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None

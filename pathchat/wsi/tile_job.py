@@ -19,8 +19,9 @@ from typing import Any
 
 from pathchat.utils.atomic import atomic_write_text
 from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
+from pathchat.utils.checks import check_out_folder, check_positive
 from pathchat.wsi.coords import write_coords_h5
-from pathchat.wsi.discovery import SlideSource, discover_slides
+from pathchat.wsi.discovery import SlideSource, find_slides_or_fail
 from pathchat.wsi.errors import SlideError
 from pathchat.wsi.grid import TilingParams, build_grid
 from pathchat.wsi.qc import write_mask_png, write_qc_png
@@ -47,6 +48,9 @@ class TileJobConfig:
     edge_pixels: str = "black"
 
     def __post_init__(self) -> None:
+        check_positive("--slide-mpp", self.slide_mpp, unit=" of µm per pixel")
+        check_positive("--default-slide-mpp", self.default_slide_mpp, unit=" of µm per pixel")
+        check_positive("max_read_pixels", self.max_read_pixels)
         if self.edge_pixels not in EDGE_PIXELS:
             raise ValueError(f"--edge-pixels must be one of {', '.join(EDGE_PIXELS)}, got {self.edge_pixels!r}")
 
@@ -112,6 +116,8 @@ def tile_one(source: SlideSource, job_dir: Path, params: dict[str, Any], state: 
     write_mask_png(paths["mask"], tissue)
     atomic_write_text(paths["geojson"], json.dumps(tissue.to_geojson()) + "\n")
     return {
+        # a slide without one usable tile is its own outcome, not "done" (see pathchat.utils.batch)
+        "state": "done" if len(grid) else "no_tissue",
         "outputs": [str(p) for p in paths.values()],
         "info": {
             "n_tiles": len(grid),
@@ -142,10 +148,18 @@ def tile_slides(
         workers: slides processed at the same time, each in its own process.
         timeout_s: a slide still running after this many seconds is killed and recorded as failed.
     Returns:
-        The done / skipped / failed counts and the failure rows.
+        The done / no_tissue / skipped / failed counts, the failure rows and the files passed over.
+    Raises:
+        ValueError: a bad value, `out` an existing file, or no slide at all under `slides`.
     """
     cfg = config or TileJobConfig()
-    sources = discover_slides(list(slides))
+    check_out_folder(out)
+    check_positive("--timeout", timeout_s, allow_none=False, unit=" of seconds")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 (slides processed at once), got {workers}")
+    found = find_slides_or_fail(list(slides))
     runner = BatchRunner(out, "tile", tile_one, cfg.to_dict(), workers=workers, timeout_s=timeout_s,
                          progress=progress, expected_errors=(SlideError,))
-    return runner.run(sources)
+    summary = runner.run(found.sources)
+    summary.ignored = found.ignored
+    return summary

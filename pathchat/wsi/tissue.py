@@ -17,6 +17,7 @@ import numpy as np
 import shapely
 import shapely.geometry
 
+from pathchat.utils.checks import check_range
 from pathchat.wsi.slide import Slide
 
 _GEOJSON_GRID_PX = 0.1  # level-0 pixels; GeoJSON coordinates are rounded to this grid
@@ -35,6 +36,13 @@ class TissueParams:
     closing_um: float = 40.0  # µm, morphological closing diameter (joins fragments of one piece)
     min_tissue_area_um2: float = 20_000.0  # µm², smaller pieces are dust (0.02 mm² ≈ 140x140 µm)
     max_hole_area_um2: float = 20_000.0  # µm², smaller holes inside tissue are filled
+
+    def __post_init__(self) -> None:
+        check_range("--tissue-threshold", self.saturation_threshold, 0, 255)
+        check_range("min_saturation", self.min_saturation, 0, 255, allow_none=False)
+        check_range("max_saturation", self.max_saturation, self.min_saturation, 255, allow_none=False)
+        if not isinstance(self.thumbnail_max_side, int) or self.thumbnail_max_side < 16:
+            raise ValueError(f"thumbnail_max_side must be an integer >= 16, got {self.thumbnail_max_side!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -83,7 +83,7 @@ def test_resolution_order_override_metadata_objective_fallback_error():
     ("rel", "error"),
     [
         ("bad/broken.svs", UnsupportedFormatError),
-        ("bad/CMU-1-Small-Region.truncated-1000000.svs", UnsupportedFormatError),
+        ("bad/CMU-1-Small-Region.truncated-1000000.svs", CorruptSlideError),
         ("bad/unopenable.tiff", UnsupportedFormatError),
         ("bad/mirax-stub/Mirax2-Fluorescence-1.mrxs", CorruptSlideError),
     ],

@@ -45,7 +45,7 @@ EXPECTED_TILES = {
 }
 BAD = {
     "broken": "unsupported_format",
-    "CMU-1-Small-Region.truncated-1000000": "unsupported_format",
+    "CMU-1-Small-Region.truncated-1000000": "corrupt",  # an interrupted download: damaged
     "unopenable": "unsupported_format",
     "Mirax2-Fluorescence-1": "corrupt",
     "unreadable": "corrupt",
