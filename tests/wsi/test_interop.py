@@ -80,6 +80,21 @@ def test_clam_reads_patch_level_and_patch_size(cmu_job):
     assert (patch_level, patch_size, read_px) == (0, 256, 256)  # CLAM's reading covers our tile exactly
 
 
+def test_resized_tiles_keep_tridents_patch_size_and_name_the_read_size(tmp_path):
+    """20x tiles from a 40x slide without a 20x level: 512 px read at level 0, resized to 256."""
+    spec = SyntheticSlideSpec(2048, 2048, mpp=0.25, regions=(TissueRegion("tumor", 64, 64, 256, 256),),
+                              downsamples=(1, 4), seed=2)
+    slide = write_synthetic_slide(tmp_path / "s40.svs", spec)
+    assert tile_slides([slide], tmp_path / "job", progress=False).done == 1
+    attrs, coords = _trident_read_coords(tmp_path / "job" / FOLDER / "patches" / "s40_patches.h5")
+    assert (attrs["patch_size"], attrs["read_px"], attrs["patch_level"], attrs["patch_size_level0"]) == (256, 512, 0, 512)
+    # TRIDENT's WSIPatcher: patch_size_src = round(patch_size * dst_pixel_size / src_pixel_size), with
+    # pixel size = 10 / magnification: the tile's level-0 side, 512, as PathChat's grid has it
+    trident_src = round(attrs["patch_size"] * (10 / attrs["target_magnification"]) / (10 / attrs["level0_magnification"]))
+    assert trident_src == attrs["patch_size_level0"] == 512
+    assert len(coords) and (np.diff(np.unique(coords[:, 0])) % 512 == 0).all()
+
+
 def _tool_tiles(path: Path, coords: np.ndarray, level: int, size: int) -> np.ndarray:
     """The pixels TRIDENT and CLAM give their encoders at these coordinates (no resize here):
     TRIDENT OpenSlideWSI.read_region and CLAM Whole_Slide_Bag_FP.__getitem__ both do
