@@ -65,8 +65,14 @@ def _dicom_uids(path: Path) -> tuple[str | None, str | None]:
     try:
         import pydicom
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
-        return str(ds.get("SeriesInstanceUID", "")) or None, str(ds.get("SOPInstanceUID", "")) or None
+        # Header quirks (a 65-character UID) are not this step's business: no warning per file on the console.
+        settings = pydicom.config.settings
+        previous, settings.reading_validation_mode = settings.reading_validation_mode, pydicom.config.IGNORE
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+            return str(ds.get("SeriesInstanceUID", "")) or None, str(ds.get("SOPInstanceUID", "")) or None
+        finally:  # values are validated when read, so they are read before the mode is restored
+            settings.reading_validation_mode = previous
     except Exception:  # noqa: BLE001 - any unreadable header just means "no series"; the slide opener reports it
         return None, None
 
