@@ -65,6 +65,7 @@ def test_open_scores_mix_yes_no_and_free_text() -> None:
     assert s["token_f1"] == pytest.approx((1.0 + 0.8) / 2)
 
 
+@pytest.mark.slow
 def test_report_scores_hand_computed() -> None:
     refs = {"r1": "a b c e", "r2": "x y z"}
     hyps = {"r1": "a b c d", "r2": "x y z"}

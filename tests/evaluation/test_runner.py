@@ -24,6 +24,7 @@ def _eval(*args: str | Path) -> int:
     return main(["eval", "--no-progress", *[str(a) for a in args]])
 
 
+@pytest.mark.slow
 def test_end_to_end_slidebench_with_controls_consistency_and_resume(
         tiny_checkpoint: Path, slidebench_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
@@ -147,6 +148,7 @@ def test_score_slidechat_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "row 3 is slide" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mixed_questions_file_with_open_and_report_answers(tmp_path: Path) -> None:
     qs = [Question("c1", "s1", "Which grade?", ("grade 1", "grade 2"), "B", "closed", "grade", "synthetic"),
           Question("o1", "s1", "Is there necrosis?", None, "yes", "open", "yes/no", "synthetic"),

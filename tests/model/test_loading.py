@@ -92,6 +92,7 @@ def test_from_pretrained_chooses_and_honours_override(tmp_path):
         PathChatForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
 
 
+@pytest.mark.slow
 def test_smollm2_loads_with_sdpa_and_refuses_flash(smollm2):
     model, _, _ = smollm2
     assert model.config._attn_implementation == "sdpa"

@@ -272,6 +272,7 @@ def test_build_pathchat_does_not_mutate_config():
     assert model.language_model.config.vocab_size == len(tokenizer)
 
 
+@pytest.mark.slow
 def test_real_smollm2_generates_and_sees_the_slide(smollm2):
     lm, tokenizer, _ = smollm2
     lm, tokenizer = copy.deepcopy(lm), copy.deepcopy(tokenizer)  # the session fixture stays pristine
