@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data_recipes.synthetic.learn import train_on_text
@@ -20,6 +21,7 @@ def _trained(seed: int) -> tuple[list[float], torch.Tensor]:
     return losses, next(model.parameters()).detach().clone()
 
 
+@pytest.mark.slow  # trains a (very small) model
 def test_text_stage_lowers_the_loss_and_is_deterministic():
     losses, weights = _trained(seed=1)
     assert len(losses) >= 8
