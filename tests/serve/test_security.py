@@ -258,3 +258,15 @@ def test_auth_file_errors_name_the_line(tmp_path):
     good = tmp_path / "good"
     good.write_text("alice:pw:with:colons\n")
     assert set(load_auth_file(good)) == {"alice"}
+
+
+def test_cli_refuses_a_public_address_without_auth(capsys, monkeypatch, tmp_path):
+    from pathchat.cli import main
+
+    monkeypatch.delenv("PATHCHAT_AUTH_FILE", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "pathchat serve: error: --host 0.0.0.0: refusing to listen beyond this machine without authentication" in err
+    assert main(["serve", "--share", "--data-dir", str(tmp_path)]) == 1
+    assert "--share: refusing a public link without authentication" in capsys.readouterr().err
+    assert not (tmp_path / "demo_slides").exists()  # refused before anything was written
