@@ -111,4 +111,6 @@ def test_eight_clients_get_answers_or_busy_and_memory_stays_bounded(server):
         rss_warm = httpx.get(server + "_test/stats").json()["rss_mb"]
         burst(300)
         rss_after = httpx.get(server + "_test/stats").json()["rss_mb"]
+    print(f"load: {answered}/{CLIENTS} answered, {CLIENTS - answered} busy; server RSS {rss_warm:.0f} MB after "
+          f"warm-up, {rss_after:.0f} MB after 300 more requests")
     assert rss_after - rss_warm < 60, (rss_warm, rss_after)
