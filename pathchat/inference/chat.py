@@ -150,6 +150,31 @@ def run_chat_loop(state: dict[str, Any], lines: TextIO, out: TextIO, interactive
             out.write("\n[stopped]\n")
 
 
+def _check_inputs(slide: str, model: str | None, ask: list[str] | None, max_new_tokens: int, mag: float | None,
+                  tile_size: int | None) -> None:
+    """Refuse bad values in one line, before a model (or the built-in model's first conversion) loads.
+
+    Raises:
+        FileNotFoundError: the slide or the model folder does not exist.
+        ValueError: naming the flag and the value.
+    """
+    import math
+
+    if not Path(slide).exists():
+        raise FileNotFoundError(f"{slide}: no such slide or features file")
+    if model is not None and model != "builtin" and not Path(model).is_dir():
+        raise FileNotFoundError(f"--model {model}: no such checkpoint folder")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if mag is not None and not (math.isfinite(mag) and mag > 0):
+        raise ValueError(f"--mag must be a positive number, got {mag}")
+    if tile_size is not None and tile_size < 8:
+        raise ValueError(f"--tile-size must be at least 8 px, got {tile_size}")
+    for question in ask or []:
+        if not question.strip():
+            raise ValueError("--ask: a question is empty")
+
+
 def chat(slide: str, model: str | None = None, ask: list[str] | None = None, json: bool = False,
          max_new_tokens: int = 256, features: str | None = None, encoder: str | None = None,
          mag: float | None = None, tile_size: int | None = None, device: str = "cpu",
@@ -179,6 +204,7 @@ def chat(slide: str, model: str | None = None, ask: list[str] | None = None, jso
     if json and not ask:
         print("pathchat chat: error: --json needs at least one --ask QUESTION", file=sys.stderr)
         return 1
+    _check_inputs(slide, model, ask, max_new_tokens, mag, tile_size)  # before any model loads
     if not ask:
         print(RESEARCH_NOTICE, file=out, flush=True)
     pipe = Pipeline.from_pretrained(model, device=device, feature_job=features, encoder=encoder,

@@ -6,6 +6,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from pathchat.inference import NO_TISSUE_ANSWER, RESEARCH_NOTICE
 from pathchat.inference.chat import chat, run_chat_loop
 from pathchat.wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
@@ -77,3 +79,28 @@ def test_ask_is_repeatable_plain_text_on_the_command_line():
     ns = parser.parse_args(["slide.svs", "--ask", "Is there tumour: yes or no?", "--ask", "[1, 2]"])
     assert ns.ask == ["Is there tumour: yes or no?", "[1, 2]"]  # never parsed as YAML
     assert parser.parse_args(["slide.svs"]).ask is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "/nonexistent/slide.svs"], "/nonexistent/slide.svs: no such slide"),
+    (["chat", "SLIDE", "--model", "/nonexistent/ckpt"], "--model /nonexistent/ckpt: no such checkpoint folder"),
+    (["chat", "SLIDE", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["chat", "SLIDE", "--mag", "inf", "--model", "CKPT"], "flag --mag: invalid value"),
+    (["chat", "SLIDE", "--mag", "-20", "--model", "CKPT"], "--mag must be a positive number, got -20"),
+    (["chat", "SLIDE", "--tile-size", "4", "--model", "CKPT"], "--tile-size must be at least 8 px, got 4"),
+    (["chat", "SLIDE", "--ask", " ", "--model", "CKPT"], "--ask: a question is empty"),
+    (["chat", "SLIDE", "--json"], "--json needs at least one --ask"),
+])
+def test_bad_chat_invocations_fail_at_once_in_one_line(argv, message, slide_file: Path, checkpoint: Path, capsys,
+                                                       monkeypatch):
+    from pathchat import cli
+    from pathchat.inference import pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded for a bad invocation")
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", no_model)
+    argv = [str(slide_file) if a == "SLIDE" else str(checkpoint) if a == "CKPT" else a for a in argv]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
