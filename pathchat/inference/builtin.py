@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ def tiny_demo_checkpoint(learn_cfg: Any = None, progress: bool = True) -> tuple[
     Raises:
         RuntimeError: not cached and the synthetic recipe (`data_recipes/`) is not importable.
     """
+    checkout = Path(__file__).resolve().parents[2]  # an editable install runs from the repository
+    if (checkout / "data_recipes" / "synthetic" / "learn.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
     try:
         import data_recipes.synthetic.learn as learn
     except ImportError as e:
