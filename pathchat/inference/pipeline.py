@@ -298,6 +298,8 @@ class Pipeline:
             extract_slide(source, self.feature_job, cfg, self._load_encoder(), runtime, on_progress=progress)
             cached = self._cached(out, fingerprint)
             if cached is None:
+                # e.g. a slide coarser than the recipe, tiled at its native resolution
+                self.recipe.check(FeatureRecipe.from_feature_attrs(read_feature_attrs(out)), str(source.path))
                 raise RuntimeError(f"{out}: features were written but do not read back for {source.path}")
         bag = cached
         return SlideFeatures(slide_id=source.slide_id, bag=bag, path=source.path, features_path=out,

@@ -15,7 +15,7 @@ from pathchat.features.store import FeatureBag, read_features_h5, write_features
 from pathchat.inference import NO_TISSUE_ANSWER, FeatureRecipeError, Pipeline
 from pathchat.inference.notices import NO_TILES_IN_REGION_ANSWER
 from pathchat.inference.pipeline import save_conversation, tiles_in_region
-from pathchat.wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from pathchat.wsi.synthetic import SyntheticSlideSpec, TissueRegion, write_synthetic_slide
 
 
 def test_prepare_tiles_encodes_once_then_reuses_the_cache(pipe: Pipeline, slide_file: Path, tmp_path: Path):
@@ -153,3 +153,10 @@ def test_training_writes_the_feature_recipe(tmp_path: Path):
     assert (recipe.encoder, recipe.feature_dim, recipe.tile_px, recipe.target_mpp) == ("random-cnn-tiny", 8, 256, 0.5)
     with pytest.raises(FeatureRecipeError, match=r"mix recipes \(tile_px differ\).*s0\.h5.*s2\.h5"):
         recipe_of_feature_files(paths)
+
+
+def test_a_slide_coarser_than_the_recipe_is_refused_naming_both_recipes(pipe: Pipeline, tmp_path: Path):
+    regions = (TissueRegion("tumor", 0, 0, 1024, 1024),)
+    coarse = write_synthetic_slide(tmp_path / "coarse.svs", SyntheticSlideSpec(1024, 1024, mpp=2.0, regions=regions))
+    with pytest.raises(FeatureRecipeError, match=r"coarse\.svs.*target_mpp.*model: .*mpp=0\.5 \(20x\).*features: .*mpp=2"):
+        pipe.prepare(coarse)
