@@ -13,6 +13,7 @@ from inference_fixtures import ENCODER_DIM, RECIPE, save_tiny_checkpoint
 
 from pathchat.features.store import FeatureBag, read_features_h5, write_features_h5
 from pathchat.inference import NO_TISSUE_ANSWER, FeatureRecipeError, Pipeline
+from pathchat.inference.engine import ChatSession
 from pathchat.inference.notices import NO_TILES_IN_REGION_ANSWER
 from pathchat.inference.pipeline import save_conversation, tiles_in_region
 from pathchat.wsi.synthetic import SyntheticSlideSpec, TissueRegion, write_synthetic_slide
@@ -73,15 +74,18 @@ def test_region_answers_ignore_tiles_outside(pipe: Pipeline, slide_file: Path):
     b = pipe.session(altered, region=region)
     assert a.ask("What is here?") == b.ask("What is here?")
     def prompt_logits(session, slide_features) -> torch.Tensor:
+        """The prefill logits of the first question, through the session's own path (ChatSession)."""
         tiles = pipe.tiles_for(slide_features, session.tile_index)
-        batch = {k: (None if v is None else v.unsqueeze(0)) for k, v in tiles.items()}
-        with torch.no_grad():
-            return pipe.model(input_ids=torch.tensor([session._chat.cached_ids]), **batch).logits
+        chat = ChatSession(pipe.model, pipe.tokenizer, tiles["tile_features"], tiles["tile_coords"],
+                           slide_size_um=tiles["slide_size_um"], max_new_tokens=1, keep_prefill_logits=True)
+        chat.ask("What is here?")
+        logits = chat.last_logits[0]
+        assert torch.isfinite(logits).all()
+        return logits
 
     torch.testing.assert_close(prompt_logits(a, slide), prompt_logits(b, altered))
     # ... while over the whole slide the same question does see the changed tiles.
     whole = pipe.session(slide)
-    whole.ask("What is here?")
     assert not torch.allclose(prompt_logits(whole, slide), prompt_logits(whole, altered), atol=1e-4)
     assert a.relevance().shape == (48,)
     empty = pipe.session(slide, region=(10**7, 10**7, 100, 100))

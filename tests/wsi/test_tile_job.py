@@ -300,8 +300,13 @@ def test_a_slide_another_live_process_holds_is_waited_for_never_skipped(tmp_path
     assert summary.exit_code == 0
 
 
-def test_a_torn_manifest_line_never_swallows_the_next_row(tmp_path, caplog):
+def test_a_torn_manifest_line_never_swallows_the_next_row(tmp_path, caplog, monkeypatch):
+    import logging
+
     from pathchat.utils.atomic import append_jsonl
+
+    # a library configured logging earlier in the session may have disabled existing loggers
+    monkeypatch.setattr(logging.getLogger("pathchat.utils.atomic"), "disabled", False)
 
     manifest = tmp_path / "manifest.jsonl"
     append_jsonl(manifest, {"slide_id": "a", "state": "done"})
@@ -309,7 +314,7 @@ def test_a_torn_manifest_line_never_swallows_the_next_row(tmp_path, caplog):
         f.write(b'{"slide_id": "b", "sta')  # a writer killed mid-append
     append_jsonl(manifest, {"slide_id": "c", "state": "done"})
     assert manifest.read_bytes().endswith(b'"sta\n{"slide_id": "c", "state": "done"}\n')
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="pathchat.utils.atomic"):
         rows = read_jsonl(manifest)
     assert [r["slide_id"] for r in rows] == ["a", "c"]
     assert "line 2" in caplog.text and str(manifest) in caplog.text
