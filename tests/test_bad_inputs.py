@@ -291,6 +291,7 @@ def test_bad_invocation_is_one_clear_line(case_id, argv, code, needle, bad_env, 
 # ------------------------------------------------------------------------------- the console script itself
 
 
+@pytest.mark.slow  # starts the console script in fresh interpreters (seconds each)
 def test_the_console_script_prints_no_traceback_for_bad_values(bad_env, tmp_path):
     exe = Path(sys.executable).parent / "pathchat"
     cases = [

@@ -47,6 +47,7 @@ def test_every_verb_help_shows_only_real_flags_each_with_its_default(verb, capsy
     assert not re.search(r"^\s*(config|timeout_s|tiling):", out, re.M)
 
 
+@pytest.mark.slow  # starts the console script in fresh interpreters (seconds each)
 def test_console_script_is_installed_and_a_missing_verb_exits_1():
     result = subprocess.run([sys.executable, "-m", "pathchat.cli"], capture_output=True, text=True)
     assert result.returncode == 1 and "required" in result.stderr
