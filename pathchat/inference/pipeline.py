@@ -110,6 +110,13 @@ class SlideSession:
         self.sampling = sampling
         self.system_prompt = system_prompt
         self.tile_index = tiles_in_region(slide.bag, region)
+        cap = pipeline.max_tiles
+        if cap is not None and len(self.tile_index) > cap:
+            # the seeded sample training used; chosen here so relevance rows map to these tiles
+            from pathchat.model.connectors.mlp import sample_tile_indices
+
+            self.tile_index = self.tile_index[sample_tile_indices(len(self.tile_index), cap,
+                                                                  pipeline.tile_sample_seed).numpy()]
         coords = slide.bag.coords
         self.tile_coords_l0 = None if coords is None else coords[self.tile_index]
         self.messages: list[dict[str, str]] = []

@@ -164,3 +164,16 @@ def test_a_slide_coarser_than_the_recipe_is_refused_naming_both_recipes(pipe: Pi
     coarse = write_synthetic_slide(tmp_path / "coarse.svs", SyntheticSlideSpec(1024, 1024, mpp=2.0, regions=regions))
     with pytest.raises(FeatureRecipeError, match=r"coarse\.svs.*target_mpp.*model: .*mpp=0\.5 \(20x\).*features: .*mpp=2"):
         pipe.prepare(coarse)
+
+
+def test_a_tile_cap_samples_once_so_relevance_maps_to_the_sampled_tiles(pipe: Pipeline, slide_file: Path):
+    capped = dataclasses.replace(pipe, max_tiles=10)
+    slide = capped.prepare(slide_file)
+    session = capped.session(slide)
+    assert len(session.tile_index) == 10 and len(set(session.tile_index.tolist())) == 10
+    session.ask("What tissue is this?")
+    assert session.relevance().shape == (10,)
+    top = session.top_tiles(3)
+    chosen = {tuple(xy) for xy in session.tile_coords_l0.tolist()}
+    assert all((t["x"], t["y"]) in chosen for t in top)
+    assert capped.session(slide).tile_index.tolist() == session.tile_index.tolist()  # seeded: the same sample
