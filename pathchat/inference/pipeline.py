@@ -358,6 +358,19 @@ class Pipeline:
         return SlideSession(self, slide, None if region is None else _check_region(region), sampling,
                             self.system_prompt)
 
+    def _full_relevance(self, n: int, row: np.ndarray | None) -> np.ndarray:
+        """A padded batch row of relevance back on the slide's own `[n]` tile order (0 for unsampled tiles)."""
+        full = np.zeros(n, dtype=np.float32)
+        if row is None:
+            return full
+        if self.max_tiles is None or n <= self.max_tiles:
+            full[:] = row[:n]
+            return full
+        from pathchat.model.connectors.mlp import sample_tile_indices
+
+        full[sample_tile_indices(n, self.max_tiles, self.tile_sample_seed).numpy()] = row[: self.max_tiles]
+        return full
+
     @torch.no_grad()
     def answer_batch(self, items: Sequence[tuple[SlideFeatures, str]], max_new_tokens: int | None = None,
                      batch_size: int = 8, relevance: bool = True) -> list[tuple[str, np.ndarray]]:
@@ -387,9 +400,8 @@ class Pipeline:
             out = generate_batch_ids(self.model, self.tokenizer, batch, max_new, self.system_prompt, sizes)
             rel = answer_relevance(self.model, **out.relevance_inputs()).cpu().numpy() if relevance else None
             for row, i in enumerate(chunk):
-                n = items[i][0].num_tiles if self.max_tiles is None else min(items[i][0].num_tiles, self.max_tiles)
-                r = rel[row, :n] if rel is not None else np.zeros(n, dtype=np.float32)
-                results[i] = (out.answers[row].strip(), r.astype(np.float32))
+                results[i] = (out.answers[row].strip(), self._full_relevance(items[i][0].num_tiles,
+                                                                              None if rel is None else rel[row]))
         return [r for r in results if r is not None]
 
 

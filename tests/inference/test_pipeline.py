@@ -177,3 +177,6 @@ def test_a_tile_cap_samples_once_so_relevance_maps_to_the_sampled_tiles(pipe: Pi
     chosen = {tuple(xy) for xy in session.tile_coords_l0.tolist()}
     assert all((t["x"], t["y"]) in chosen for t in top)
     assert capped.session(slide).tile_index.tolist() == session.tile_index.tolist()  # seeded: the same sample
+    text, rel = capped.answer_batch([(slide, "What tissue is this?")])[0]
+    assert rel.shape == (96,) and abs(float(rel.sum()) - 1) < 1e-4 and int((rel > 0).sum()) <= 10
+    np.testing.assert_allclose(rel[session.tile_index].sum(), 1.0, atol=1e-4)  # all of it on the sampled tiles
