@@ -162,7 +162,9 @@ def _check_inputs(slide: str, model: str | None, ask: list[str] | None, max_new_
 
     if not Path(slide).exists():
         raise FileNotFoundError(f"{slide}: no such slide or features file")
-    if model is not None and model != "builtin" and not Path(model).is_dir():
+    from pathchat.inference.builtin import BUILTIN_NAME
+
+    if model is not None and model != BUILTIN_NAME and not Path(model).is_dir():
         raise FileNotFoundError(f"--model {model}: no such checkpoint folder")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

@@ -277,7 +277,6 @@ class ChatSession:
         self.full_recomputes = 0
         self.connector_runs = 0
         self.stop_ids = end_of_turn_ids(tokenizer, model)
-        self.suppress_ids = suppressed_ids(model)
         self.cache: DynamicCache | None = None
         self.cached_ids: list[int] = []  # exactly the ids whose keys/values are in self.cache
         self.answer_ids: list[list[int]] = []  # generated ids per turn (end-of-turn token included)

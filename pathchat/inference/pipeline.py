@@ -15,6 +15,7 @@ Shapes: `bag.features [n, d_enc]`, `bag.coords [n, 2]` level-0 px; `relevance() 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -44,6 +45,14 @@ ProgressFn = Callable[[str, int, int], None]
 #: A level-0 rectangle `(x, y, width, height)` in pixels.
 Region = tuple[int, int, int, int]
 _FEATURE_SUFFIXES = (".h5", ".hdf5")
+
+
+class SlideInputs(TypedDict):
+    """One slide's tiles as the model takes them (batch dimension not added)."""
+
+    tile_features: torch.Tensor  # [n, d_enc]
+    tile_coords: torch.Tensor | None  # [n, 2] µm
+    slide_size_um: torch.Tensor | None  # [2]
 
 
 @dataclass
@@ -299,6 +308,7 @@ class Pipeline:
         cfg: ExtractJobConfig = resolve(self.recipe.to_extract_config())
         out = features_path(self.feature_job, cfg.tile.tiling.folder_name, self.recipe.encoder, source.slide_id)
         fingerprint = fingerprint_slide(source)
+        source = dataclasses.replace(source, fingerprint=fingerprint)  # extraction reuses it, no second read
         cached = self._cached(out, fingerprint)
         if cached is None:
             runtime = RuntimeOptions(batch_size=32, loader_workers=0, device=self.device)
@@ -335,7 +345,7 @@ class Pipeline:
         return SlideFeatures(slide_id=bag.slide_id, bag=bag, path=None, features_path=path, recipe=recipe,
                              level0_size=_level0_size(bag))
 
-    def tiles_for(self, slide: SlideFeatures, index: np.ndarray | None = None) -> dict[str, torch.Tensor | None]:
+    def tiles_for(self, slide: SlideFeatures, index: np.ndarray | None = None) -> SlideInputs:
         """Model inputs of a slide's tiles (a subset when `index` is given), capped like training."""
         from pathchat.data.slide_features import tiles_from_bag
 
@@ -416,19 +426,18 @@ def _level0_size(bag: FeatureBag) -> tuple[int, int] | None:
 def _recipe_for(folder: Path, recorded: FeatureRecipe | None, encoder: str | None, magnification: float | None,
                 tile_size: int | None, feature_dim: Any) -> FeatureRecipe:
     """The checkpoint's recipe, or the one given by hand for an old checkpoint; conflicts are errors."""
-    given = {"encoder": encoder, "target_mpp": None if magnification is None else round(10.0 / magnification, 6),
-             "tile_px": tile_size}
     if magnification is not None and not magnification > 0:
         raise ValueError(f"--mag must be a positive number, got {magnification}")
+    target_mpp = None if magnification is None else round(10.0 / magnification, 6)
     if recorded is None:
         if encoder is None:
             raise FeatureRecipeError(
                 f"{folder}: the checkpoint records no feature recipe (it predates them); give the recipe its "
                 "features were made with: --encoder NAME --mag X --tile-size N")
         dim = int(feature_dim) if isinstance(feature_dim, int) else None
-        return FeatureRecipe(encoder=encoder, feature_dim=dim, target_mpp=given["target_mpp"] or 0.5,
+        return FeatureRecipe(encoder=encoder, feature_dim=dim, target_mpp=target_mpp or 0.5,
                              tile_px=tile_size or 256, overlap_px=0)
-    hand = FeatureRecipe(encoder=encoder or recorded.encoder, target_mpp=given["target_mpp"], tile_px=tile_size)
+    hand = FeatureRecipe(encoder=encoder or recorded.encoder, target_mpp=target_mpp, tile_px=tile_size)
     diff = recorded.mismatches(hand)
     if diff:
         raise FeatureRecipeError(f"{folder}: the checkpoint was trained on {recorded.describe()}, but "

@@ -120,7 +120,7 @@ class FeatureRecipe:
 
     def mismatches(self, other: FeatureRecipe) -> list[str]:
         """The fields known in both recipes that differ (tolerance 1% for mpp)."""
-        out = []
+        out: list[str] = []
         for name in ("encoder", "feature_dim", "encoder_fingerprint", "target_mpp", "tile_px", "overlap_px",
                      "edge_pixels"):
             a, b = getattr(self, name), getattr(other, name)
