@@ -56,7 +56,10 @@ def test_session_streams_follow_ups_and_relevance(pipe: Pipeline, slide_file: Pa
     assert session.messages == []
 
 
-def test_region_answers_ignore_tiles_outside(pipe: Pipeline, slide_file: Path):
+def test_region_answers_ignore_tiles_outside(pipe: Pipeline, checkpoint: Path, slide_file: Path):
+    # A model of its own: after other tests used the shared one in this process, its prefill logits were
+    # sometimes NaN (not reproduced with a fresh load in 30 tries; cause not found yet, see the issue note).
+    pipe = Pipeline.from_pretrained(checkpoint, feature_job=pipe.feature_job, max_new_tokens=6)
     slide = pipe.prepare(slide_file)
     region = (0, 0, 1536, 2048)  # the left (tumour) half
     inside = tiles_in_region(slide.bag, region)
