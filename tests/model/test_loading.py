@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from test_modeling import _prompt, _tiles  # pytest puts tests/model on sys.path (rootdir-less test dirs)
-from tiny_models import CONNECTOR, FEATURE_DIM, build_tiny, text_config
+from tiny_models import CONNECTOR, FEATURE_DIM, SLIDE_FRAME_CONNECTOR, build_tiny, text_config
 
 from pathchat.model import attention_backend
 from pathchat.model.attention_backend import default_dtype
@@ -90,6 +90,26 @@ def test_from_pretrained_chooses_and_honours_override(tmp_path):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="flash_attention_2 was requested but cannot be used"):
         PathChatForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+
+
+def test_a_loaded_checkpoint_computes_exactly_what_the_saved_model_did(tmp_path):
+    """Nothing the connector needs may come back as uninitialised memory: `from_pretrained` builds on
+    the meta device, and the position frequencies (once a non-persistent buffer) came back as
+    garbage, sometimes NaN. Memory full of NaN is freed first, so garbage would show."""
+    model, tokenizer = build_tiny("qwen2", connector=SLIDE_FRAME_CONNECTOR)
+    inputs = {**_prompt(tokenizer), **_tiles(seed=3), "slide_size_um": torch.tensor([[6000.0, 5000.0]])}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    poison = [torch.full((1 << 14,), float("nan"), dtype=torch.float64) for _ in range(64)]
+    del poison
+    loaded = PathChatForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for (name, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        got = loaded(**inputs).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

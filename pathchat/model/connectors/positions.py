@@ -94,16 +94,24 @@ class FourierPositions(nn.Module):
     without another pass over the tiles.
     """
 
-    angular: Tensor  # [f] float64 radians per µm
-
     def __init__(self, num_frequencies: int, min_wavelength_um: float, max_wavelength_um: float, dim: int,
                  num_scales: int = 1):
         super().__init__()
-        wavelengths = torch.logspace(math.log10(min_wavelength_um), math.log10(max_wavelength_um),
-                                     num_frequencies, dtype=torch.float64)
-        self.register_buffer("angular", 2 * math.pi / wavelengths, persistent=False)
+        self.wavelength_range_um = (float(min_wavelength_um), float(max_wavelength_um))
+        self.num_frequencies = num_frequencies
         self.num_scales = num_scales
         self.proj = nn.Linear(4 * num_frequencies + num_scales, dim)
+
+    @property
+    def angular(self) -> Tensor:
+        """`[f]` float64 radians per µm, computed from the config on each call.
+
+        Not a buffer: `from_pretrained` builds the model on the meta device and a non-persistent
+        buffer came back as uninitialised memory (garbage frequencies, sometimes NaN answers).
+        """
+        lo, hi = self.wavelength_range_um
+        wavelengths = torch.logspace(math.log10(lo), math.log10(hi), self.num_frequencies, dtype=torch.float64)
+        return 2 * math.pi / wavelengths
 
     def forward(self, rel_um: Tensor, tile_scale: Tensor | None = None) -> Tensor:
         """`rel_um [b, n, 2]` float64, `tile_scale [b, n]` long (None = 0) -> `[b, n, dim]`.
