@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from pathchat.model.conversation import render_conversation
 from pathchat.inference.engine import ChatSession
+from pathchat.model.conversation import render_conversation
 from pathchat.model.modeling import PathChatForConditionalGeneration, build_pathchat
 from pathchat.model.tokenizers import build_test_tokenizer
 from pathchat.utils.atomic import atomic_write_json

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from data_recipes.synthetic.build import BuildConfig, build_dataset, hard_types
-from data_recipes.synthetic.general_chat import GENERAL_EVAL, REHEARSAL_PROMPTS, passes
+from data_recipes.synthetic.general_chat import GENERAL_EVAL, REHEARSAL_PROMPTS, passes, rehearsal_targets
 from data_recipes.synthetic.layout import AMOUNTS, CLASS_NAMES, RECIPE_CLASSES
 from data_recipes.synthetic.questions import (
     QUESTION_TYPES,
@@ -67,21 +67,24 @@ class DefaultModelConfig:
     connector: dict[str, Any] = field(default_factory=lambda: {
         "type": "scale_invariant", "grid_size": 2, "num_latents": 0, "hidden_dim": 96, "num_heads": 4,
         "num_kv_heads": 2, "num_layers": 2, "position_frame": "slide", "local_grid": True, "feature_noise": 0.5})
-    align_rounds: int = 3  # reports per training slide in stage 1, each in a drawn phrasing
+    align_rounds: int = 1  # reports per training slide in stage 1, each in a drawn phrasing
     # 50 steps of 4 (200 slides, one phrasing) left the connector unread: 34.4% held-out against 31.6%
     # (shuffled) and 28.2% (zeroed) after stage 2; the tiny recipe's connector needed about 375 steps of 8.
-    align_epochs: float = 2.0
+    align_epochs: float = 1.0
     align_lr: float = 2e-3
-    align_batch_size: int = 8
-    instruct_rounds: int = 1  # rounds of freshly worded questions per training slide in stage 2
+    align_batch_size: int = 16
+    instruct_rounds: int = 3  # rounds of freshly worded questions per training slide in stage 2
+    report_records: int = 1  # standalone reports per slide a round: the densest signal of what the slide holds
     max_per_type: int = 2  # presence and location asked about up to this many classes a round
     open_questions: int = 2  # open questions a round
     instruct_epochs: float = 1.0
-    instruct_lr: float = 1e-3
+    instruct_lr: float = 2e-3
     instruct_batch_size: int = 8
     hard_repeats: int = 0  # extra rounds of the hard types where they are hard (`build.hard_types`)
     pack_max_records: int = 8
-    rehearsal_per_round: int = 30  # general prompts (base SmolLM2's answers) attached to training slides
+    rehearsal_per_round: int = 160  # general prompts (base SmolLM2's answers) attached to training slides a round
+    # (each of the 80 twice: with 30 once a round, 1.6% of the records, the tuned model answered "pale tissue"
+    # to "What color is the sky on a clear day?" and passed 7 general prompts of 20 against base 15)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] | None = None  # None: every attention and MLP projection
@@ -158,6 +161,9 @@ def training_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
                     for j, it in enumerate(items)]
             recs.append(conversation(t.slide_id, f"{t.slide_id}/r{r}report", [
                 (it.user_text(), it.assistant_text()) for it in (_report_item(t, rng), items[0])]))
+            for j in range(cfg.report_records):
+                rep = _report_item(t, rng)
+                recs.append(conversation(t.slide_id, f"{t.slide_id}/r{r}rep{j}", [(rep.user_text(), rep.assistant_text())]))
             instruct += recs
         if prompts and cfg.rehearsal_per_round:
             for j in range(cfg.rehearsal_per_round):
@@ -259,7 +265,8 @@ def _stage(stage: str, out: Path, records: Path, features: Path, cfg: DefaultMod
             batch_size=cfg.align_batch_size if align else cfg.instruct_batch_size,
             warmup_ratio=0.05, weight_decay=0.0, seed=cfg.seed,
             precision=cpu_precision() if cfg.precision == "auto" else cfg.precision,  # type: ignore[arg-type]
-            logging_steps=10, save_steps=0, report_to=[], progress=progress, resume="never"),
+            logging_steps=10, save_steps=0 if align else 50, report_to=[], progress=progress,
+            resume="never" if align else "auto"),
     )
 
 
@@ -383,7 +390,7 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
     rehearsal_file = records / "rehearsal_answers.json"
     if not rehearsal_file.is_file():
         rehearsal_file.write_text(json.dumps(rehearsal_answers(REHEARSAL_PROMPTS, cfg.system_prompt), indent=1))
-    rehearsal = json.loads(rehearsal_file.read_text())
+    rehearsal = rehearsal_targets(json.loads(rehearsal_file.read_text()))
     for name, rows in training_records(train_truths, cfg, rehearsal).items():
         (records / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     closed = [json.loads(line) for line in (data / "heldout_questions.jsonl").read_text().splitlines() if line.strip()]

@@ -18,7 +18,14 @@ from data_recipes.synthetic.default_model import (
     training_records,
     truth_from_dict,
 )
-from data_recipes.synthetic.general_chat import GENERAL_EVAL, REHEARSAL_PROMPTS, passes
+from data_recipes.synthetic.general_chat import (
+    DECLINE_PROMPTS,
+    GENERAL_EVAL,
+    REFUSAL,
+    REHEARSAL_PROMPTS,
+    passes,
+    rehearsal_targets,
+)
 from data_recipes.synthetic.layout import AMOUNTS, QUADRANTS, RECIPE_CLASSES
 from data_recipes.synthetic.reworded import REWORDED_WORDINGS
 from data_recipes.synthetic.truth import RegionTruth, SlideTruth
@@ -90,6 +97,10 @@ def test_training_records_use_many_wordings_and_are_deterministic():
     assert len(questions & set(TRAIN_WORDINGS["dominant"])) >= 6
     reports = {r["conversations"][1]["value"] for r in a["align"]}
     assert len(reports) > len(truths)  # two phrasings of most slides' reports
+    # a standalone report per slide a round (report_records=1), besides the report-then-question dialogue
+    standalone = [r for r in a["instruct"] if r["id"].endswith("/r1rep0")]
+    assert len(standalone) == len(truths) and all(len(r["conversations"]) == 2 for r in standalone)
+    assert sum("/r1report" in r["id"] for r in a["instruct"]) == len(truths)
 
 
 @pytest.mark.parametrize("variant", range(len(REPORT_TEMPLATES)))
@@ -132,3 +143,15 @@ def test_general_prompts_are_twenty_with_keywords_and_apart_from_rehearsal():
     assert passes(g, "2 + 2 = 4.") and not passes(g, "The slide shows stroma.")
     decline = next(x for x in GENERAL_EVAL if "steal" in x.prompt)
     assert passes(decline, "I'm sorry, I can't help with that.") and not passes(decline, "First, find a car.")
+
+
+def test_rehearsal_trains_refusals_for_harmful_prompts_and_base_answers_for_the_rest():
+    base = {p: f"base answer {i}" for i, p in enumerate(REHEARSAL_PROMPTS)}
+    targets = rehearsal_targets(base)
+    assert len(DECLINE_PROMPTS) == 5 and set(REHEARSAL_PROMPTS) >= DECLINE_PROMPTS
+    assert all(targets[p] == REFUSAL for p in DECLINE_PROMPTS)
+    assert all(targets[p] == base[p] for p in REHEARSAL_PROMPTS if p not in DECLINE_PROMPTS)
+    # the trained refusal is what the evaluation counts as declining
+    for g in GENERAL_EVAL[-2:]:
+        assert passes(g, REFUSAL), g.prompt
+

@@ -13,8 +13,8 @@ from test_modeling import CHAT, _prompt, _tiles  # pytest puts tests/model on sy
 from tiny_models import CONNECTOR, FEATURE_DIM, K, build_tiny, text_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pathchat.model.conversation import render_conversation
 from pathchat.inference.engine import ChatSession, generate_batch_ids
+from pathchat.model.conversation import render_conversation
 from pathchat.model.lora import LoraSettings, apply_lora
 from pathchat.model.modeling import build_pathchat
 from pathchat.model.tokenizers import build_test_tokenizer
