@@ -23,13 +23,15 @@ $(STAMP): pyproject.toml Makefile serve/package-lock.json
 	cd serve && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(STAMP)
 
-# Everything, as CI runs it; ends with the 15 slowest tests.
+# Everything, as CI runs it, on $(TEST_WORKERS) processes (pytest-xdist; tests sharing a session
+# fixture are kept on one worker by their xdist_group); ends with the 15 slowest tests.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # The developer's loop: every test not marked slow (no training, no demo model), under 2 minutes.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" --durations=10
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=10
 
 demo: install
 	$(PY) -m data_recipes.synthetic.demo --out $(JOB)

@@ -65,7 +65,9 @@ def make_slide_folder(root: Path) -> tuple[Path, Path]:
 def start_server(app: object, port: int) -> tuple[object, threading.Thread]:
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    # open event streams would otherwise hold the shutdown for uvicorn's whole graceful period
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
