@@ -5,10 +5,10 @@ go through `Pipeline`; the decode loop lives in `engine`.
 """
 
 from pathchat.inference.notices import NO_SLIDE_ANSWER, NO_TISSUE_ANSWER, RESEARCH_NOTICE
-from pathchat.inference.recipe import FeatureRecipe, FeatureRecipeError
+from pathchat.inference.recipe import FeatureRecipe, FeatureRecipeError, SlideResolutionError
 
 __all__ = ["NO_SLIDE_ANSWER", "NO_TISSUE_ANSWER", "RESEARCH_NOTICE", "FeatureRecipe", "FeatureRecipeError",
-           "Pipeline"]
+           "Pipeline", "SlideResolutionError"]
 
 
 def __getattr__(name: str):  # the pipeline imports torch and transformers: only when asked for

@@ -4,7 +4,8 @@ Interactive: the research-use notice, a progress bar while a new slide is tiled 
 prompt; answers stream as they are generated and follow-ups reuse the KV cache. Commands start with
 a slash (`/help` lists them). Scripted: `--ask` (repeatable) answers each question in turn in one
 session and exits; `--json` prints one JSON object instead of text. A slide with no usable tissue
-gets the fixed "no tissue found" answer without a model call.
+gets the fixed "no tissue found" answer without a model call, and a slide scanned coarser than the
+model's feature recipe (or recording no resolution) a fixed "resolution too low" answer.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def chat(slide: str, model: str | None = None, ask: list[str] | None = None, jso
         device: where the model runs ("cpu", "cuda", "cuda:1").
         progress: show progress bars while a new slide is tiled and encoded.
     """
-    from pathchat.inference.pipeline import Pipeline
+    from pathchat.inference.pipeline import Pipeline, SlideFeatures
+    from pathchat.inference.recipe import SlideResolutionError
 
     out = sys.stdout
     if json and not ask:
@@ -215,6 +217,8 @@ def chat(slide: str, model: str | None = None, ask: list[str] | None = None, jso
     bars = _Progress(progress)
     try:
         prepared = pipe.prepare(slide, progress=bars)
+    except SlideResolutionError as e:  # readable, but not at the model's resolution: fixed answers
+        prepared = SlideFeatures.unassessed(e, pipe.recipe)
     finally:
         bars.close()
     session = pipe.session(prepared, max_new_tokens=max_new_tokens)
@@ -230,11 +234,14 @@ def chat(slide: str, model: str | None = None, ask: list[str] | None = None, jso
                             "top_tiles": session.top_tiles(5) if session.calls_model else []})
         if json:
             print(jsonlib.dumps({"slide": prepared.slide_id, "tiles": prepared.num_tiles,
-                                 "no_tissue": prepared.no_tissue, "model": pipe.model_id,
+                                 "no_tissue": prepared.no_tissue,
+                                 "insufficient_resolution": prepared.insufficient_resolution,
+                                 "model": pipe.model_id,
                                  "feature_recipe": pipe.recipe.to_dict(), "notice": RESEARCH_NOTICE,
                                  "answers": answers}, ensure_ascii=False), file=out)
         return 0
-    where = "no tissue found: answers are fixed" if prepared.no_tissue else f"{prepared.num_tiles} tiles"
+    where = ("resolution too low for this model: answers are fixed" if prepared.insufficient_resolution
+             else "no tissue found: answers are fixed" if prepared.no_tissue else f"{prepared.num_tiles} tiles")
     print(f"slide {prepared.slide_id} ({where}); model {pipe.model_id}. /help lists the commands.", file=out)
     state = {"pipe": pipe, "slide": prepared, "session": session, "max_new_tokens": max_new_tokens}
     run_chat_loop(state, sys.stdin, out, interactive=sys.stdin.isatty())

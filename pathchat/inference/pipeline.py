@@ -31,8 +31,19 @@ import torch
 from pathchat.features.store import FeatureBag, features_path, read_feature_attrs, read_features_h5
 from pathchat.inference.builtin import resolve_checkpoint
 from pathchat.inference.engine import ChatSession, SamplingParams, generate_batch_ids
-from pathchat.inference.notices import NO_TILES_IN_REGION_ANSWER, NO_TISSUE_ANSWER
-from pathchat.inference.recipe import FeatureRecipe, FeatureRecipeError, recipe_of_model
+from pathchat.inference.notices import (
+    INSUFFICIENT_RESOLUTION_ANSWER,
+    NO_TILES_IN_REGION_ANSWER,
+    NO_TISSUE_ANSWER,
+)
+from pathchat.inference.recipe import (
+    FeatureRecipe,
+    FeatureRecipeError,
+    SlideResolutionError,
+    check_extracted_features,
+    check_slide_resolution,
+    recipe_of_model,
+)
 from pathchat.inference.relevance import answer_relevance
 from pathchat.utils.cache import cache_dir
 
@@ -57,7 +68,11 @@ class SlideInputs(TypedDict):
 
 @dataclass
 class SlideFeatures:
-    """One slide ready for the model: its features and where they came from."""
+    """One slide ready for the model: its features and where they came from.
+
+    A slide that cannot give the model's resolution has no features: `unassessed(error)` makes its
+    stand-in (an empty bag, `resolution_error` set), whose answers are a fixed text without a model call.
+    """
 
     slide_id: str
     bag: FeatureBag
@@ -65,11 +80,31 @@ class SlideFeatures:
     features_path: Path | None
     recipe: FeatureRecipe  # how the features were made (checked against the model's)
     level0_size: tuple[int, int] | None = None  # (width, height) in level-0 pixels, when recorded
+    resolution_error: SlideResolutionError | None = None  # set: too coarse for the model, not assessed
+
+    @classmethod
+    def unassessed(cls, error: SlideResolutionError, recipe: FeatureRecipe | None = None) -> SlideFeatures:
+        """The stand-in for a slide `Pipeline.prepare` refused as too coarse (`recipe`: the model's)."""
+        return cls(slide_id=error.slide_id, bag=error.empty_bag(recipe), path=Path(error.slide), features_path=None,
+                   recipe=recipe or FeatureRecipe(encoder="none"), level0_size=error.level0_size,
+                   resolution_error=error)
+
+    @property
+    def insufficient_resolution(self) -> bool:
+        """The slide cannot give the model's resolution: answers say so without calling the model."""
+        return self.resolution_error is not None
+
+    @property
+    def fixed_answer(self) -> str | None:
+        """The answer to every question when no model can be asked (too coarse, no tissue), else None."""
+        if self.resolution_error is not None:
+            return INSUFFICIENT_RESOLUTION_ANSWER.format(reason=self.resolution_error.reason)
+        return NO_TISSUE_ANSWER if self.no_tissue else None
 
     @property
     def no_tissue(self) -> bool:
         """Tissue detection kept no tile: answers say so without calling the model."""
-        return len(self.bag) == 0
+        return self.resolution_error is None and len(self.bag) == 0
 
     @property
     def num_tiles(self) -> int:
@@ -132,13 +167,13 @@ class SlideSession:
         self.model_calls = 0
         self._chat: ChatSession | None = None
         self._relevance: np.ndarray | None = None
-        self._fixed_answer = (NO_TISSUE_ANSWER if slide.no_tissue else
-                              NO_TILES_IN_REGION_ANSWER if len(self.tile_index) == 0 else None)
+        self._fixed_answer = slide.fixed_answer or (NO_TILES_IN_REGION_ANSWER if len(self.tile_index) == 0
+                                                    else None)
         self.reset()
 
     @property
     def calls_model(self) -> bool:
-        """False when every answer is a fixed text (no tissue, or no tiles in the region)."""
+        """False when every answer is a fixed text (too coarse, no tissue, or no tiles in the region)."""
         return self._fixed_answer is None
 
     def reset(self) -> None:
@@ -289,6 +324,9 @@ class Pipeline:
 
         Raises:
             FileNotFoundError: no such file.
+            SlideResolutionError: the slide's finest level is coarser than the recipe's resolution, or it
+                records no resolution (found from its metadata before any tiling); `SlideFeatures.unassessed`
+                turns it into a slide whose answers say so.
             FeatureRecipeError: a features file of another recipe (both named).
             SlideError: the slide cannot be read (naming the file and the cause).
         """
@@ -311,12 +349,15 @@ class Pipeline:
         source = dataclasses.replace(source, fingerprint=fingerprint)  # extraction reuses it, no second read
         cached = self._cached(out, fingerprint)
         if cached is None:
+            if self.recipe.target_mpp is not None:  # a recipe without a resolution takes any slide
+                check_slide_resolution(source, cfg.tile)  # before any time goes into tiling
             runtime = RuntimeOptions(batch_size=32, loader_workers=0, device=self.device)
             extract_slide(source, self.feature_job, cfg, self._load_encoder(), runtime, on_progress=progress)
             cached = self._cached(out, fingerprint)
             if cached is None:
-                # e.g. a slide coarser than the recipe, tiled at its native resolution
-                self.recipe.check(FeatureRecipe.from_feature_attrs(read_feature_attrs(out)), str(source.path))
+                # e.g. a slide coarser than the recipe that the check above let through, tiled natively
+                check_extracted_features(self.recipe, read_feature_attrs(out), source.path, str(source.path),
+                                         source.slide_id)
                 raise RuntimeError(f"{out}: features were written but do not read back for {source.path}")
         bag = cached
         return SlideFeatures(slide_id=source.slide_id, bag=bag, path=source.path, features_path=out,
@@ -394,8 +435,9 @@ class Pipeline:
         results: list[tuple[str, np.ndarray] | None] = [None] * len(items)
         live = []
         for i, (slide, _) in enumerate(items):
-            if slide.no_tissue:
-                results[i] = (NO_TISSUE_ANSWER, np.zeros(0, dtype=np.float32))
+            fixed = getattr(slide, "fixed_answer", None) or (NO_TISSUE_ANSWER if slide.no_tissue else None)
+            if fixed is not None:
+                results[i] = (fixed, np.zeros(0, dtype=np.float32))
             else:
                 live.append(i)
         max_new = max_new_tokens or self.max_new_tokens

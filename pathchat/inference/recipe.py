@@ -14,14 +14,72 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-__all__ = ["FeatureRecipe", "FeatureRecipeError", "recipe_of_model"]
+__all__ = ["FeatureRecipe", "FeatureRecipeError", "SlideResolutionError", "check_extracted_features",
+           "check_slide_resolution", "recipe_of_model"]
 
 
 class FeatureRecipeError(ValueError):
     """Features made another way than the checkpoint expects (both recipes in the message)."""
+
+
+class SlideResolutionError(FeatureRecipeError):
+    """A readable slide that cannot give the model's resolution: level 0 is coarser than the recipe's
+    target, or the slide records no resolution at all ("no mpp recorded").
+
+    Its features could only be made at another resolution than the model was trained on, so no model
+    is asked about it: reports get the status "insufficient_resolution", chat a fixed answer.
+
+    Attributes:
+        slide: the slide file (or DICOM folder).
+        slide_id: the slide's id (its file stem unless discovery named it otherwise).
+        slide_mpp: level-0 µm per pixel (None: no mpp recorded).
+        target_mpp: the µm per pixel of the model's feature recipe.
+        level0_size: (width, height) of level 0, when the slide was opened.
+    """
+
+    kind = "insufficient_resolution"
+
+    def __init__(self, slide: str | os.PathLike[str], slide_mpp: float | None, target_mpp: float,
+                 slide_id: str | None = None, level0_size: tuple[int, int] | None = None) -> None:
+        self.slide = os.fspath(slide)
+        self.slide_id = slide_id or Path(self.slide).stem
+        self.slide_mpp = None if slide_mpp is None else float(slide_mpp)
+        self.target_mpp = float(target_mpp)
+        self.level0_size = level0_size
+        super().__init__(f"{self.slide}: resolution too low for this model: {self.reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes despite the signature
+        return (type(self), (self.slide, self.slide_mpp, self.target_mpp, self.slide_id, self.level0_size))
+
+    @property
+    def reason(self) -> str:
+        """Both resolutions, without the file name (reports may be anonymised)."""
+        target = f"{self.target_mpp:g} µm/px ({10.0 / self.target_mpp:g}x)"
+        if self.slide_mpp is None:
+            return (f"no mpp recorded (the slide records neither µm per pixel nor objective power), so it "
+                    f"cannot be read at the {target} the model's features are made at")
+        return (f"the slide's finest level is {self.slide_mpp:.4g} µm/px, coarser than the {target} the "
+                "model's features are made at")
+
+    def empty_bag(self, recipe: FeatureRecipe | None = None) -> Any:
+        """A `FeatureBag` with no tiles that stands for the slide (its mpp and level-0 size recorded)."""
+        import numpy as np
+
+        from pathchat.features.store import FeatureBag
+
+        mpp = self.slide_mpp
+        attrs: dict[str, Any] = {}
+        if self.level0_size is not None:
+            attrs.update(level0_width=int(self.level0_size[0]), level0_height=int(self.level0_size[1]))
+        dim = (recipe.feature_dim if recipe is not None else None) or 0
+        return FeatureBag(features=np.zeros((0, dim), np.float32), coords=np.zeros((0, 2), np.int64),
+                          slide_id=self.slide_id, encoder=None if recipe is None else recipe.encoder, mpp=mpp,
+                          patch_size_level0=None, magnification=None, source_format="pathchat", attrs=attrs)
 
 
 def _as_dict(value: Any) -> dict[str, Any] | None:
@@ -186,6 +244,60 @@ class FeatureRecipe:
             extra["edge_pixels"] = self.edge_pixels
         tile = TileJobConfig(tiling=TilingParams(**tiling_kwargs), tissue=tissue, **extra)
         return ExtractJobConfig(encoder=self.encoder, tile=tile, pretrained=pretrained)
+
+
+def check_slide_resolution(source: Any, tile: Any) -> None:
+    """Before any tiling: raise unless the slide can be tiled at the resolution of `tile`.
+
+    Reads only the slide's metadata, through the same `resolve_mpp` as the tiler (so `tile.slide_mpp` /
+    `tile.default_slide_mpp` count, and an objective power stands in for a missing mpp), and applies the
+    tiler's own test (`pathchat.wsi.grid.coarser_than_target`): the slide is too coarse exactly when the
+    tiler would fall back to its native resolution.
+
+    Args:
+        source: a `SlideSource` (its `path`, and `slide_id`) or a slide path.
+        tile: the extraction's `TileJobConfig`.
+    Raises:
+        SlideResolutionError: level 0 coarser than the target, or no resolution known at all.
+        SlideError: the slide cannot be opened (what extraction would raise).
+    """
+    import warnings
+
+    from pathchat.wsi.errors import MissingResolutionError
+    from pathchat.wsi.grid import coarser_than_target
+    from pathchat.wsi.slide import open_slide, resolve_mpp
+
+    path = getattr(source, "path", source)
+    slide_id = getattr(source, "slide_id", None)
+    target = tile.tiling.target_mpp
+    with open_slide(path, max_read_pixels=tile.max_read_pixels) as slide:
+        size = tuple(int(v) for v in slide.dimensions)
+        try:
+            with warnings.catch_warnings():  # extraction gives the objective-power warning itself
+                warnings.simplefilter("ignore")
+                l0_mpp = resolve_mpp(slide, tile.slide_mpp, tile.default_slide_mpp).mpp
+        except MissingResolutionError:
+            raise SlideResolutionError(path, None, target, slide_id, (size[0], size[1])) from None
+    if coarser_than_target(l0_mpp, tile.tiling):
+        raise SlideResolutionError(path, l0_mpp, target, slide_id, (size[0], size[1]))
+
+
+def check_extracted_features(model: FeatureRecipe, attrs: dict[str, Any], slide: str | os.PathLike[str],
+                             where: str, slide_id: str | None = None) -> None:
+    """After extraction: raise unless the features just written (their `attrs`) have the model's recipe.
+
+    The fallback behind `check_slide_resolution`: when the tiler fell back to a slide's coarser native
+    resolution, the error is a `SlideResolutionError` (the slide's level-0 mpp from the attributes);
+    any other difference is a `FeatureRecipeError` naming both recipes (`FeatureRecipe.check`).
+    """
+    features = FeatureRecipe.from_feature_attrs(attrs)
+    if ("target_mpp" in model.mismatches(features) and model.target_mpp is not None
+            and features.target_mpp is not None and features.target_mpp > model.target_mpp):
+        l0_mpp = _opt_float(attrs.get("mpp"))
+        width, height = _opt_int(attrs.get("level0_width")), _opt_int(attrs.get("level0_height"))
+        raise SlideResolutionError(slide, l0_mpp if l0_mpp is not None else features.target_mpp, model.target_mpp,
+                                   slide_id, None if width is None or height is None else (width, height))
+    model.check(features, where)
 
 
 def recipe_of_model(config: Any) -> FeatureRecipe | None:

@@ -42,7 +42,7 @@ import numpy as np
 
 # Imported here (torch with it) so the batch runner's fork server preloads it once for every worker.
 import pathchat.features.extract  # noqa: F401
-from pathchat.inference.notices import RESEARCH_NOTICE
+from pathchat.inference.notices import INSUFFICIENT_RESOLUTION_SECTION, RESEARCH_NOTICE
 from pathchat.inference.report_outputs import evidence_geojson, evidence_tiles, heatmap_png, report_markdown
 from pathchat.inference.report_prompts import PromptSet, ReportSection, load_prompt_set
 from pathchat.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -63,6 +63,15 @@ THUMBNAIL_SIDE = 1024
 INSUFFICIENT_TISSUE_REASON = ("Tissue detection kept {n} tile(s) on this slide, fewer than the {m} a report "
                               "needs; no model was asked. Check the slide (blank, out of focus, not "
                               "brightfield) or the tissue settings.")
+INSUFFICIENT_RESOLUTION_REASON = ("Resolution too low for this model: {reason}; no model was asked. Use a finer "
+                                  "scan of the slide, or a model trained at a lower magnification.")
+NO_MPP_HINT = " If the scan's resolution is known, give it with --slide-mpp or --default-slide-mpp."
+
+
+def resolution_reason(error: Any) -> str:
+    """A report's `status_reason` for a `SlideResolutionError` (both resolutions; no file name)."""
+    text = INSUFFICIENT_RESOLUTION_REASON.format(reason=error.reason)
+    return text + (NO_MPP_HINT if error.slide_mpp is None else "")
 
 
 # ------------------------------------------------------------------------------------ generation step
@@ -135,13 +144,24 @@ def _tiling_of(bag: Any) -> dict[str, Any]:
 
 def build_report(name: str, slide_files: list[str] | None, bag: Any, sections: Sequence[ReportSection],
                  answers: list[tuple[str, np.ndarray]] | None, prompts: PromptSet, model: dict[str, Any],
-                 recipe: dict[str, Any], min_tiles: int, top_k: int) -> tuple[dict[str, Any], np.ndarray]:
-    """The report dict and the slide's relevance `[n]` (mean of the sections'); `answers` None = too little tissue."""
+                 recipe: dict[str, Any], min_tiles: int, top_k: int,
+                 resolution_error: Any = None) -> tuple[dict[str, Any], np.ndarray]:
+    """The report dict and the slide's relevance `[n]` (mean of the sections').
+
+    `answers` None means too little tissue, or with `resolution_error` (a `SlideResolutionError`) a slide
+    too coarse for the model; neither asks the model.
+    """
     n = int(len(bag))
     report: dict[str, Any] = {"notice": RESEARCH_NOTICE, "slide": name}
     if slide_files is not None:
         report["slide_files"] = slide_files
-    if answers is None:
+    if resolution_error is not None:
+        answers = None
+        relevance = np.zeros(n, np.float32)
+        report.update(status="insufficient_resolution", status_reason=resolution_reason(resolution_error))
+        report["sections"] = [{"name": s.name, "title": s.title, "question": s.question,
+                               "answer": INSUFFICIENT_RESOLUTION_SECTION, "top_tiles": []} for s in sections]
+    elif answers is None:
         relevance = np.zeros(n, np.float32)
         report.update(status="insufficient_tissue", status_reason=INSUFFICIENT_TISSUE_REASON.format(n=n, m=min_tiles))
         report["sections"] = [{"name": s.name, "title": s.title, "question": s.question,
@@ -225,6 +245,8 @@ def write_report(pipe: Any, slide: Any, out_dir: str | os.PathLike[str], prompts
         name: file name stem (default the slide id).
         min_tiles: fewer tiles than this gives an "insufficient tissue" report without a model call.
         top_k: evidence tiles listed and drawn.
+    A slide too coarse for the model (`SlideFeatures.unassessed`) gets an "insufficient resolution"
+    report without a model call.
     Returns:
         `{"paths": {json, markdown, heatmap, evidence}, "report": the report dict}`.
     """
@@ -232,14 +254,15 @@ def write_report(pipe: Any, slide: Any, out_dir: str | os.PathLike[str], prompts
     gen = generator or PipelineGenerator(pipe)
     bag = slide.bag
     answers = None
-    if not getattr(slide, "no_tissue", False) and len(bag) >= min_tiles:
+    resolution_error = getattr(slide, "resolution_error", None)
+    if resolution_error is None and not getattr(slide, "no_tissue", False) and len(bag) >= min_tiles:
         job = SlideQuestions(slide, [(s.question, s.max_new_tokens) for s in prompt_set.sections])
         answers = gen.answer([job])[0]
     stem = name or str(slide.slide_id)
     path = getattr(slide, "path", None)
     report_dict, relevance = build_report(stem, None if path is None else [Path(path).name], bag,
                                           prompt_set.sections, answers, prompt_set, _model_info(pipe),
-                                          _recipe_info(pipe), min_tiles, top_k)
+                                          _recipe_info(pipe), min_tiles, top_k, resolution_error)
     thumb, downsample = _thumbnail(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -423,12 +446,13 @@ def _features_for(source: Any, params: dict[str, Any], state: _WorkerState) -> P
     else computed here (tiling first where needed), in this worker process.
 
     Raises:
-        FeatureRecipeError: the features cannot have the model's recipe (a slide scanned coarser than
-            the model's resolution is tiled at its native one), with both recipes named.
+        SlideResolutionError: the slide's finest level is coarser than the model's resolution, or it
+            records none (from its metadata, before tiling; or from the features, after).
+        FeatureRecipeError: the features cannot have the model's recipe, with both recipes named.
     """
     from pathchat.features.extract import ExtractJobConfig, RuntimeOptions, extract_one, setup_worker
     from pathchat.features.store import features_path, read_feature_attrs
-    from pathchat.inference.recipe import FeatureRecipe
+    from pathchat.inference.recipe import FeatureRecipe, check_extracted_features, check_slide_resolution
 
     recipe = FeatureRecipe.from_dict(params["recipe"])
     cfg = ExtractJobConfig.from_dict(params["runtime"]["extract"])
@@ -442,6 +466,8 @@ def _features_for(source: Any, params: dict[str, Any], state: _WorkerState) -> P
                 return path
         except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed
             log.info("%s: cached features unusable; recomputing", path)
+    if recipe.target_mpp is not None:  # a recipe without a resolution takes any slide
+        check_slide_resolution(source, cfg.tile)  # before the extractor loads or a tile is read
     if state.extractor is None:
         runtime = RuntimeOptions(batch_size=64, loader_workers=0, device=params["runtime"]["device"])
         state.extractor = setup_worker({"config": cfg.to_dict(), "runtime": runtime.__dict__})
@@ -449,7 +475,8 @@ def _features_for(source: Any, params: dict[str, Any], state: _WorkerState) -> P
 
         torch.set_num_threads(max(1, int(params["runtime"]["threads"])))
     extract_one(source, cache, {"config": cfg.to_dict()}, state.extractor)
-    recipe.check(FeatureRecipe.from_feature_attrs(read_feature_attrs(path)), f"{source.path} (features {path})")
+    check_extracted_features(recipe, read_feature_attrs(path), source.path, f"{source.path} (features {path})",
+                             source.slide_id)
     return path
 
 
@@ -461,17 +488,27 @@ def output_name(slide_id: str, salt: str | None) -> str:
 
 
 def report_one(source: Any, job_dir: Path, params: dict[str, Any], state: _WorkerState) -> dict[str, Any]:
-    """One slide's report, in a batch worker: features, thumbnail and files here; answers from the server."""
+    """One slide's report, in a batch worker: features, thumbnail and files here; answers from the server.
+
+    A slide too coarse for the model (or with no recorded resolution) gets its "insufficient resolution"
+    report here, without features or a model call.
+    """
     from pathchat.features.store import read_features_h5
+    from pathchat.inference.recipe import FeatureRecipe, SlideResolutionError
 
     t0 = time.perf_counter()
     prompts: PromptSet = params["runtime"]["prompts"]  # parsed once, so every slide asks the same set
-    features = _features_for(source, params, state)
-    bag = read_features_h5(features)
+    resolution_error: SlideResolutionError | None = None
+    try:
+        features = _features_for(source, params, state)
+        bag = read_features_h5(features)
+    except SlideResolutionError as e:
+        resolution_error = e
+        bag = e.empty_bag(FeatureRecipe.from_dict(params["recipe"]))
     t1 = time.perf_counter()
     min_tiles = int(params["min_tiles"])
     answers = None
-    if len(bag) >= min_tiles and len(bag) > 0:
+    if resolution_error is None and len(bag) >= min_tiles and len(bag) > 0:
         questions = [(s.question, s.max_new_tokens) for s in prompts.sections]
         state.conn.send({"slide_id": source.slide_id, "features": str(features), "questions": questions})
         reply = state.conn.recv()
@@ -483,15 +520,17 @@ def report_one(source: Any, job_dir: Path, params: dict[str, Any], state: _Worke
     name = output_name(source.slide_id, params.get("salt"))
     files = None if params.get("salt") else [Path(f).name for f in source.files]
     report_dict, relevance = build_report(name, files, bag, prompts.sections, answers, prompts, params["model"],
-                                          params["recipe_info"], min_tiles, int(params["top_k"]))
+                                          params["recipe_info"], min_tiles, int(params["top_k"]), resolution_error)
     paths = write_report_files(job_dir, name, report_dict, relevance, bag, thumb, downsample)
+    outcome = ("insufficient_resolution" if resolution_error is not None
+               else "done" if answers is not None else "no_tissue")
     return {"outputs": [str(p) for p in paths.values()],
             "info": {"n_tiles": int(len(bag)), "status": report_dict["status"], "name": name,
                      # where the slide's time went: features (cache or tile + encode), waiting for the
                      # answers (queue + generation), thumbnail and files
                      "seconds": {"features": round(t1 - t0, 3), "answers": round(t2 - t1, 3),
                                  "files": round(time.perf_counter() - t2, 3)}},
-            "state": "done" if answers is not None else "no_tissue"}
+            "state": outcome}
 
 
 # ------------------------------------------------------------------------------------------ the verb
@@ -614,7 +653,9 @@ def report(slides: list[str], out: str, model: str | None = None, prompts: str |
     (the top tiles, for QuPath). Every report carries "For Research Use Only. Not for use in diagnostic
     procedures."; no label or macro image and no slide metadata enters a report, a log or a prompt.
     A slide with fewer than --min-tiles tiles of tissue gets an "insufficient tissue" report without a
-    model call. Resumable: a rerun redoes only slides whose file, model, feature recipe or prompt set
+    model call, and so does a slide scanned coarser than the model's feature recipe (or recording no
+    resolution): an "insufficient resolution" report, counted on its own in the summary, not a failure.
+    Resumable: a rerun redoes only slides whose file, model, feature recipe or prompt set
     changed or whose report files were altered (an unchanged folder makes zero model calls); a slide
     that fails, hangs or crashes fails alone (OUT/failures.jsonl, OUT/manifest.jsonl). Several
     processes (`torchrun`, `accelerate launch`, or the command started twice) may share OUT.
@@ -638,7 +679,8 @@ def report(slides: list[str], out: str, model: str | None = None, prompts: str |
         timeout: seconds before a slide is killed and recorded as failed.
         progress: show a progress bar.
     Returns:
-        0 when every slide has a report, 2 when some failed (1 is a usage or tool error, raised).
+        0 when every slide has a report (insufficient tissue or resolution included), 2 when some failed
+        (1 is a usage or tool error, raised).
     """
     import torch
 
@@ -654,6 +696,10 @@ def report(slides: list[str], out: str, model: str | None = None, prompts: str |
     summary = result.summary
     for row in summary.failures:
         print(f"FAILED {row['slide_id']}: [{row['error_type']}] {row['message']}", file=sys.stderr)
+    for slide_id in summary.insufficient_resolution_slides:
+        print(f"INSUFFICIENT RESOLUTION {slide_id}: scanned coarser than the model's "
+              f"{pipe.recipe.target_mpp:g} µm/px (or no mpp recorded); report written without a model call",
+              file=sys.stderr)
     print(f"outputs: {result.out}")
     sizes = result.batch_sizes
     print(f"model calls: {result.model_calls} in {len(sizes)} generation rounds"

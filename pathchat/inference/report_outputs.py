@@ -129,6 +129,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Slide report: {report['slide']}", "", f"> **{report['notice']}**", ""]
     if report.get("status") == "insufficient_tissue":
         lines += [f"**Insufficient tissue.** {report['status_reason']}", ""]
+    elif report.get("status") == "insufficient_resolution":
+        lines += [f"**Insufficient resolution.** {report['status_reason']}", ""]
     for section in report["sections"]:
         lines += [f"## {section['title']}", "", section["answer"].strip() or "*(no answer)*", ""]
     model = report["model"]

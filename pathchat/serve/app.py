@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pathchat.inference.notices import NO_SLIDE_ANSWER, RESEARCH_NOTICE
+from pathchat.inference.notices import INSUFFICIENT_RESOLUTION_ANSWER, NO_SLIDE_ANSWER, RESEARCH_NOTICE
 from pathchat.serve.catalog import SlideCatalog, UnknownSlideError, UploadError
 from pathchat.serve.service import ChatPipeline, ChatService, Conversation
 from pathchat.serve.settings import ServeSettings
@@ -145,8 +145,13 @@ def build_app(settings: ServeSettings, pipeline: ChatPipeline, slides_dir: Path)
         spec = {"slide_id": conv.slide.slide_id, "dzi": f"slides/{conv.slide.slide_id}.dzi", "mpp": info.mpp,
                 "width": info.width, "height": info.height}
         n = len(conv.prepared.bag) if getattr(conv.prepared, "bag", None) is not None else 0
-        status = (f"**{html.escape(conv.slide.name)}**: {info.width:,} x {info.height:,} px, "
-                  f"{f'{info.mpp:.3f} µm/px' if info.mpp else 'no µm/px recorded'}, {n:,} tiles. New conversation.")
+        size = (f"**{html.escape(conv.slide.name)}**: {info.width:,} x {info.height:,} px, "
+                f"{f'{info.mpp:.3f} µm/px' if info.mpp else 'no µm/px recorded'}")
+        error = getattr(conv.prepared, "resolution_error", None)
+        if error is not None:  # opened, but too coarse for the model: say so before anyone asks
+            status = f"{size}. {html.escape(INSUFFICIENT_RESOLUTION_ANSWER.format(reason=error.reason))}"
+        else:
+            status = f"{size}, {n:,} tiles. New conversation."
         return conv, [], json.dumps(spec), "", status, ""
 
     def ask(question: str, history: list[dict[str, Any]] | None, conv: Conversation | None,

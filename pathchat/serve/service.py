@@ -6,7 +6,8 @@ Keeping this free of Gradio lets tests drive it directly and keeps the page code
 
 Load: at most `concurrency` answers run at once; a question that finds no free slot within
 `busy_wait_s` gets `BUSY_ANSWER` instead of an error. Without a slide the answer is the fixed
-`NO_SLIDE_ANSWER`, and no model is called.
+`NO_SLIDE_ANSWER`, and no model is called; likewise a slide without tissue, or one scanned coarser
+than the model's feature recipe (it opens, and every answer explains the resolution problem).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pathchat.inference.notices import NO_SLIDE_ANSWER, NO_TISSUE_ANSWER
+from pathchat.inference.recipe import FeatureRecipe, SlideResolutionError
 from pathchat.serve.catalog import CatalogSlide, SlideCatalog
 from pathchat.serve.evidence import viewer_evidence
 from pathchat.wsi.deepzoom import DeepZoomCache, DeepZoomInfo
@@ -67,7 +69,7 @@ class Piece:
     text: str
     evidence: dict[str, Any] | None = None
     done: bool = False
-    kind: str = "answer"  # answer | busy | refusal | no_tissue | error
+    kind: str = "answer"  # answer | busy | refusal | no_tissue | insufficient_resolution | error
 
 
 def _tile_l0_px(prepared: Any) -> float:
@@ -104,13 +106,22 @@ class ChatService:
     def open_slide(self, slide_id: str, progress: ProgressFn | None = None) -> Conversation:
         """A new conversation about a slide: features found in the cache or computed (with progress).
 
-        Two sessions opening the same slide compute its features once (a lock per slide).
+        Two sessions opening the same slide compute its features once (a lock per slide). A slide scanned
+        coarser than the model's feature recipe opens without features (`SlideFeatures.unassessed`): its
+        answers and report say why, without a model call.
         """
         slide, info = self.viewer_info(slide_id)
         with self._locks_lock:
             lock = self._prepare_locks.setdefault(slide.slide_id, threading.Lock())
         with lock:
-            prepared = self.pipeline.prepare(slide.path, progress=progress)
+            try:
+                prepared = self.pipeline.prepare(slide.path, progress=progress)
+            except SlideResolutionError as e:
+                from pathchat.inference.pipeline import SlideFeatures
+
+                log.info("slide %s: %s", slide.slide_id, e.reason)
+                recipe = getattr(self.pipeline, "recipe", None)
+                prepared = SlideFeatures.unassessed(e, recipe if isinstance(recipe, FeatureRecipe) else None)
         return Conversation(slide=slide, prepared=prepared, viewer=info)
 
     # -- answers --------------------------------------------------------------------------
@@ -122,6 +133,9 @@ class ChatService:
         """
         if conv is None or conv.prepared is None:
             yield Piece(NO_SLIDE_ANSWER, done=True, kind="refusal")
+            return
+        if getattr(conv.prepared, "insufficient_resolution", False):
+            yield Piece(conv.prepared.fixed_answer, done=True, kind="insufficient_resolution")
             return
         if getattr(conv.prepared, "no_tissue", False):
             yield Piece(NO_TISSUE_ANSWER, done=True, kind="no_tissue")

@@ -5,13 +5,14 @@ crashes natively fails alone, and its worker is replaced. `slides_per_worker=1` 
 fresh process (tiling: nothing is worth keeping between slides); `None` keeps a worker, and the
 model it loaded in `setup`, until it dies (extraction).
 `JOB/manifest.jsonl` is an append-only history (one row per slide and state: `started`, then `done`,
-`no_tissue` or `failed`; `skipped` with its earlier `outcome` on a rerun); a slide is skipped on rerun
-only when its last `done` / `no_tissue` row has the same slide fingerprint and parameters and every
-output it lists still has the recorded sha256. `JOB/failures.jsonl` holds the slides failed now.
+`no_tissue`, `insufficient_resolution` or `failed`; `skipped` with its earlier `outcome` on a rerun); a
+slide is skipped on rerun only when its last such row (not `failed`) has the same slide fingerprint and
+parameters and every output it lists still has the recorded sha256. `JOB/failures.jsonl` holds the slides failed now.
 Several processes (or nodes on a shared file system, e.g. under `torchrun`) may run the same job
 at once: a lock file per slide makes each slide run exactly once; a process waits for the slides
 others hold, and takes over a lock whose owner is gone (dead, a reused pid, a reboot) or stopped
-refreshing it. The summary line is `done N / no_tissue N / skipped N / failed N`.
+refreshing it. The summary line is `done N / no_tissue N / skipped N / failed N` (with
+`insufficient_resolution N` after no_tissue when a verb had such slides).
 """
 
 from __future__ import annotations
@@ -114,9 +115,13 @@ class DistributedContext:
 
 
 #: A slide's outcomes, as counted in the summary line. `done`: worked on now; `no_tissue`: worked on
-#: (now or earlier) and no tile has usable tissue; `skipped`: already done earlier with the same inputs;
-#: `failed`: failed (here, or in another process sharing the job).
-OUTCOMES = ("done", "no_tissue", "skipped", "failed")
+#: (now or earlier) and no tile has usable tissue; `insufficient_resolution`: worked on (now or earlier)
+#: and scanned too coarse for what the verb needs (a report says so without asking a model);
+#: `skipped`: already done earlier with the same inputs; `failed`: failed (here, or in another process
+#: sharing the job).
+OUTCOMES = ("done", "no_tissue", "insufficient_resolution", "skipped", "failed")
+#: The outcomes a work function may return besides "done": complete (resumable), counted on their own.
+_SPECIAL = ("no_tissue", "insufficient_resolution")
 
 
 @dataclass
@@ -124,28 +129,32 @@ class BatchSummary:
     """What one `BatchRunner.run` did; `line()` is the verb's last output line.
 
     Attributes:
-        done / no_tissue / skipped / failed: slide counts (see `OUTCOMES`); every slide given to the
-            runner lands in exactly one of them.
+        done / no_tissue / insufficient_resolution / skipped / failed: slide counts (see `OUTCOMES`);
+            every slide given to the runner lands in exactly one of them.
         failures: the failure rows (slide_id, path, error_type, message).
         no_tissue_slides: ids of the slides without usable tissue.
+        insufficient_resolution_slides: ids of the slides scanned too coarse.
         ignored: files that were found in a folder but are no slide (path, reason), from discovery.
     """
 
     done: int = 0
     no_tissue: int = 0
+    insufficient_resolution: int = 0
     skipped: int = 0
     failed: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     no_tissue_slides: list[str] = field(default_factory=list)
+    insufficient_resolution_slides: list[str] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 when every slide was done (or found without tissue, or already done), 2 when any failed."""
+        """0 when every slide was done (or found without tissue or too coarse, or already done), 2 when any failed."""
         return 2 if self.failed else 0
 
     def line(self) -> str:
-        text = f"done {self.done} / no_tissue {self.no_tissue} / skipped {self.skipped} / failed {self.failed}"
+        low = f" / insufficient_resolution {self.insufficient_resolution}" if self.insufficient_resolution else ""
+        text = f"done {self.done} / no_tissue {self.no_tissue}{low} / skipped {self.skipped} / failed {self.failed}"
         return text + (f" / ignored files {len(self.ignored)}" if self.ignored else "")
 
 
@@ -377,7 +386,7 @@ class _RunState:
     waiting: list[_Waiting] = field(default_factory=list)
 
 
-_TERMINAL = ("done", "no_tissue", "failed")
+_TERMINAL = ("done", *_SPECIAL, "failed")
 _WAIT_POLL_S = 1.0
 
 
@@ -386,7 +395,8 @@ class BatchRunner:
 
     A work function returns `{"outputs": [paths], "info": {...}}`, plus `"state": "no_tissue"` when the
     slide holds no usable tissue (its outputs are still written and checked on resume; the slide is
-    counted and recorded as `no_tissue`, never as done). Every slide given to `run` ends in exactly one
+    counted and recorded as `no_tissue`, never as done), or `"state": "insufficient_resolution"` when it
+    is scanned too coarse for the verb (likewise). Every slide given to `run` ends in exactly one
     of `OUTCOMES`: a slide another process is working on is waited for, never counted as skipped.
 
     Args:
@@ -427,8 +437,8 @@ class BatchRunner:
         self.failures_path = self.job_dir / "failures.jsonl"
         self.locks = SlideLocks(self.job_dir / ".locks" / f"{verb}-{self.key}")
         self._manifest = _ManifestTail(self.manifest_path)
-        self._complete_rows: dict[str, dict[str, Any]] = {}  # latest done / no_tissue row per slide
-        self._terminal_rows: dict[str, dict[str, Any]] = {}  # latest done / no_tissue / failed row per slide
+        self._complete_rows: dict[str, dict[str, Any]] = {}  # latest done / special row per slide
+        self._terminal_rows: dict[str, dict[str, Any]] = {}  # latest done / special / failed row per slide
 
     # -- resume ---------------------------------------------------------------------------------
     def _read_new_rows(self) -> None:
@@ -441,7 +451,8 @@ class BatchRunner:
                 self._complete_rows[row["slide_id"]] = row
 
     def _last_complete(self, slide_id: str) -> dict[str, Any] | None:
-        """The slide's latest done / no_tissue row for these parameters, including other processes' rows."""
+        """The slide's latest complete row (done or a special outcome) for these parameters, including other
+        processes' rows."""
         self._read_new_rows()
         return self._complete_rows.get(slide_id)
 
@@ -480,6 +491,8 @@ class BatchRunner:
         setattr(summary, outcome, getattr(summary, outcome) + 1)
         if outcome == "no_tissue":
             summary.no_tissue_slides.append(slide_id)
+        elif outcome == "insufficient_resolution":
+            summary.insufficient_resolution_slides.append(slide_id)
         run.bar.update(1)
         run.bar.set_postfix({k: getattr(summary, k) for k in OUTCOMES})
 
@@ -496,7 +509,7 @@ class BatchRunner:
 
     def _count_complete(self, run: _RunState, source: SlideSource, fingerprint: str, row: dict[str, Any]) -> None:
         """A slide already done with these inputs: recorded as skipped, counted by its outcome."""
-        outcome = "no_tissue" if row["state"] == "no_tissue" else "skipped"
+        outcome = row["state"] if row["state"] in _SPECIAL else "skipped"
         self._record(source, "skipped", fingerprint, outcome=row["state"])
         self._clear_failure(source.slide_id)
         self._count(run, outcome, source.slide_id)
@@ -672,15 +685,18 @@ class BatchRunner:
                 elapsed: float) -> None:
         result = message["result"]
         state = result.get("state", "done")
-        if state not in ("done", "no_tissue"):
+        if state not in ("done", *_SPECIAL):
             self._fail(run, source, fingerprint, "bad_result",
-                       f"{source.path}: the {self.verb} step returned state {state!r} (expected done or no_tissue)")
+                       f"{source.path}: the {self.verb} step returned state {state!r} (expected done, "
+                       f"{' or '.join(_SPECIAL)})")
             return
         outputs = {str(Path(p).relative_to(self.job_dir)): sha256_file(p) for p in result.get("outputs", [])}
         for w in message.get("warnings", []):
             log.warning("%s: %s", source.slide_id, w)
         if state == "no_tissue":
             log.warning("%s: no usable tissue found; no tiles", source.slide_id)
+        elif state == "insufficient_resolution":
+            log.warning("%s: scanned too coarse (or no resolution recorded); not assessed", source.slide_id)
         self._record(source, state, fingerprint, outputs=outputs, info=result.get("info", {}),
                      warnings=message.get("warnings", []), elapsed_s=round(elapsed, 3))
         self._clear_failure(source.slide_id)

@@ -125,6 +125,12 @@ class TileGrid:
         }
 
 
+def coarser_than_target(l0_mpp: float, params: TilingParams) -> bool:
+    """True when level 0 (`l0_mpp` µm/px) is coarser than the target beyond `snap_tolerance`: such a
+    slide is tiled at its native resolution (or refused with `low_resolution="error"`)."""
+    return params.target_mpp / l0_mpp < 1 - params.snap_tolerance
+
+
 def plan_read(slide: Slide, l0_mpp: float, params: TilingParams) -> tuple[float, int, int, float]:
     """Decide the level-0 scale of a tile and where to read it.
 
@@ -135,7 +141,7 @@ def plan_read(slide: Slide, l0_mpp: float, params: TilingParams) -> tuple[float,
     """
     scale = params.target_mpp / l0_mpp
     tol = params.snap_tolerance
-    if scale < 1 - tol:
+    if coarser_than_target(l0_mpp, params):
         message = (
             f"finest level is {l0_mpp:.4g} µm/px, coarser than the requested {params.target_mpp:.4g} µm/px "
             f"({1 / scale:.3g}x upsampling)"

@@ -12,7 +12,7 @@ import torch
 from inference_fixtures import ENCODER_DIM, RECIPE, save_tiny_checkpoint
 
 from pathchat.features.store import FeatureBag, read_features_h5, write_features_h5
-from pathchat.inference import NO_TISSUE_ANSWER, FeatureRecipeError, Pipeline
+from pathchat.inference import NO_TISSUE_ANSWER, FeatureRecipeError, Pipeline, SlideResolutionError
 from pathchat.inference.engine import ChatSession
 from pathchat.inference.notices import NO_TILES_IN_REGION_ANSWER
 from pathchat.inference.pipeline import save_conversation, tiles_in_region
@@ -162,10 +162,12 @@ def test_training_writes_the_feature_recipe(tmp_path: Path):
         recipe_of_feature_files(paths)
 
 
-def test_a_slide_coarser_than_the_recipe_is_refused_naming_both_recipes(pipe: Pipeline, tmp_path: Path):
+def test_a_slide_coarser_than_the_recipe_is_refused_naming_both_resolutions(pipe: Pipeline, tmp_path: Path):
+    # Was a FeatureRecipeError after tiling at the native 2 µm/px; now its subclass SlideResolutionError,
+    # found from the slide's metadata before any tiling (tests/inference/test_low_resolution.py has the rest).
     regions = (TissueRegion("tumor", 0, 0, 1024, 1024),)
     coarse = write_synthetic_slide(tmp_path / "coarse.svs", SyntheticSlideSpec(1024, 1024, mpp=2.0, regions=regions))
-    with pytest.raises(FeatureRecipeError, match=r"coarse\.svs.*target_mpp.*model: .*mpp=0\.5 \(20x\).*features: .*mpp=2"):
+    with pytest.raises(SlideResolutionError, match=r"coarse\.svs: resolution too low.* 2 µm/px.* 0\.5 µm/px \(20x\)"):
         pipe.prepare(coarse)
 
 

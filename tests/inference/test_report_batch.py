@@ -30,13 +30,14 @@ from pathchat.wsi.synthetic import SyntheticSlideSpec, TissueRegion, write_synth
 FNS = Path(__file__).with_name("report_fns.py")
 SUFFIXES = (".json", ".md", ".heatmap.png", ".evidence.geojson")
 READABLE_SHARED = {"CMU-1-Small-Region", "small", "boxes__boxes"}
-#: Scanned coarser than the model's 0.5 µm/px: tiled at their native resolution, so their features have
-#: another recipe than the model's and are refused (never silently used).
-LOW_RES_SHARED = {"camelyon", "wsi2dcm", "generic-tiff__boxes"}
-BAD_SHARED = {  # every bad file of the shared folder, with the failure it must be recorded as
+#: Scanned coarser than the model's 0.5 µm/px (mpp in the slide's README), or with no mpp recorded (the TCGA
+#: slide): an "insufficient resolution" report each, found before tiling, no model call, not a failure.
+LOW_RES_SHARED = {"camelyon": "28.97 µm/px", "wsi2dcm": "16.78 µm/px", "generic-tiff__boxes": "352.8 µm/px",
+                  "tcga-cr-7395-01a-01-ts1": "no mpp recorded"}
+BAD_SHARED = {  # every file under bad/ of the shared folder, with the failure it must be recorded as
     "broken": "unsupported_format", "CMU-1-Small-Region.truncated-1000000": "corrupt",
     "unopenable": "unsupported_format", "Mirax2-Fluorescence-1": "corrupt", "unreadable": "corrupt",
-    "CMU-1-Small-Region.zeroed-600000-700000": "corrupt", "tcga-cr-7395-01a-01-ts1": "missing_resolution",
+    "CMU-1-Small-Region.zeroed-600000-700000": "corrupt",
 }
 
 
@@ -77,11 +78,20 @@ def test_a_mixed_folder_reports_every_readable_slide_and_fails_every_bad_file_al
     assert s.exit_code == 2
     failures = {r["slide_id"]: r for r in read_jsonl(out / "failures.jsonl")}
     assert {k: r["error_type"] for k, r in failures.items()} == {
-        **BAD_SHARED, "multiframe_camelyon_challenge_image": "duplicate_instance",
-        **{k: "FeatureRecipeError" for k in LOW_RES_SHARED}}
-    assert "differing: target_mpp" in failures["camelyon"]["message"]
+        **BAD_SHARED, "multiframe_camelyon_challenge_image": "duplicate_instance"}
+    assert all("/bad/" in failures[k]["path"] for k in BAD_SHARED)
     assert len(failures["Mirax2-Fluorescence-1"]["files"]) == 6  # .mrxs and every file of its data folder
-    assert (s.done, s.no_tissue, s.failed) == (len(READABLE_SHARED) + 2, 1, len(BAD_SHARED) + 1 + len(LOW_RES_SHARED))
+    assert (s.done, s.no_tissue, s.insufficient_resolution, s.failed) == (
+        len(READABLE_SHARED) + 2, 1, len(LOW_RES_SHARED), len(BAD_SHARED) + 1)
+    assert sorted(s.insufficient_resolution_slides) == sorted(LOW_RES_SHARED)
+    for name, slide_mpp in LOW_RES_SHARED.items():
+        low = _check_report_files(out, name)
+        assert low["status"] == "insufficient_resolution" and low["evidence"] == []
+        assert slide_mpp in low["status_reason"] and "0.5 µm/px" in low["status_reason"]
+        assert {x["answer"] for x in low["sections"]} == {"Resolution too low for this model: not assessed."}
+        assert "Insufficient resolution." in (out / f"{name}.md").read_text()
+    tiled = {f.name.split(".")[0].removesuffix("_patches") for f in (out / "features").rglob("*.h5")}
+    assert "CMU-1-Small-Region" in tiled and not tiled & set(LOW_RES_SHARED)  # the low-res ones were never tiled
     for name in READABLE_SHARED | {"gen_00", "gen_01"}:
         report = _check_report_files(out, name)
         assert report["status"] == "ok" and report["model"]["id"] == "stand-in-1"
@@ -97,12 +107,13 @@ def test_a_mixed_folder_reports_every_readable_slide_and_fails_every_bad_file_al
     assert blank["status"] == "insufficient_tissue" and blank["evidence"] == []
     # one model call per generation round; rounds hold up to 2 slides x 4 sections
     assert run.model_calls == pipe.calls == len(run.batch_sizes) and max(pipe.items_seen) <= 8
-    assert sum(run.batch_sizes) == len(READABLE_SHARED) + 2  # each slide's sections were asked once
+    assert sum(run.batch_sizes) == len(READABLE_SHARED) + 2  # each slide's sections were asked once (no low-res one)
 
     again = StandInPipeline()
     rerun = run_reports([SLIDES, gen, dup], out, again, batch_size=2, progress=False)
     assert again.calls == 0 and rerun.model_calls == 0  # an unchanged folder makes zero model calls
     assert (rerun.summary.done, rerun.summary.skipped, rerun.summary.no_tissue) == (0, 5, 1)
+    assert rerun.summary.insufficient_resolution == len(LOW_RES_SHARED)  # resumed, still counted on their own
     assert rerun.summary.exit_code == 2  # the bad files still fail
 
     prompts = tmp_path / "two.yaml"
