@@ -11,13 +11,13 @@ from pathchat.inference import RESEARCH_NOTICE
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # trains the tiny model when this test runs first
-def test_demo_chats_with_three_new_slides(demo_model, tmp_path, capsys):
-    _, ckpt, _ = demo_model
+def test_demo_chats_with_three_new_slides(tmp_path, capsys):
+    """`make demo` as a new user runs it: the built-in model (SmolLM2 + the shipped connector and LoRA)."""
     job = tmp_path / "job"
-    assert main(["--out", str(job), "--model", str(ckpt), "--no-progress"]) == 0
+    assert main(["--out", str(job), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(RESEARCH_NOTICE)
+    assert "model: default_model@" in out  # pathchat/assets/default_model
     assert "training" not in out  # nothing trains at demo time
     reports = sorted((job / "reports").glob("*.json"))
     assert [p.stem for p in reports] == ["demo-00", "demo-01", "demo-02"]

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     job, progress, started = Path(args.out), not args.no_progress, time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per demo stage, not one per weight file
     print(RESEARCH_NOTICE)
 
     written = write_demo_slides(job / "slides", args.slides, args.seed, progress)

@@ -10,9 +10,12 @@ saved beside them as ``connector.safetensors``, and a sha256 manifest over the f
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +141,15 @@ def _lora_config(settings: LoraSettings, targets: list[str]) -> LoraConfig:
     )
 
 
+@contextlib.contextmanager
+def _peft_deprecations_silenced() -> Iterator[None]:
+    """peft reads `is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning on
+    every adapter load; the user can do nothing about it, so it stays out of their console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: PathChatForConditionalGeneration, settings: LoraSettings) -> PathChatForConditionalGeneration:
     """Wrap the language model with peft LoRA, in place; returns the same model.
 
@@ -150,7 +162,8 @@ def apply_lora(model: PathChatForConditionalGeneration, settings: LoraSettings) 
     if isinstance(model.language_model, PeftModel):
         raise ValueError("the language model already has a peft adapter (apply_lora was called twice?)")
     targets = settings.target_modules or find_lora_targets(model.language_model)
-    peft_lm = get_peft_model(model.language_model, _lora_config(settings, targets))  # freezes the base LM
+    with _peft_deprecations_silenced():
+        peft_lm = get_peft_model(model.language_model, _lora_config(settings, targets))  # freezes the base LM
     model.language_model = peft_lm  # type: ignore[assignment]
     for param in model.connector.parameters():
         param.requires_grad_(True)
@@ -246,7 +259,8 @@ def load_lora(
         verify_manifest(folder)
     if isinstance(base_model.language_model, PeftModel):
         raise ValueError("base_model already has a peft adapter")
-    peft_lm = PeftModel.from_pretrained(base_model.language_model, str(folder), is_trainable=is_trainable)
+    with _peft_deprecations_silenced():
+        peft_lm = PeftModel.from_pretrained(base_model.language_model, str(folder), is_trainable=is_trainable)
     base_model.language_model = peft_lm  # type: ignore[assignment]
     load_model(base_model.connector, str(folder / CONNECTOR_WEIGHTS_NAME), strict=True)
     for param in base_model.connector.parameters():

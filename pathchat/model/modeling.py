@@ -469,7 +469,7 @@ def build_pathchat(
     embeddings = model.get_input_embeddings()
     assert isinstance(embeddings, nn.Embedding)
     if embeddings.num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set just below
     init_slide_embeddings(model)
     model.set_attn_implementation(implementation)
     if compute_dtype is None:  # adopted model left as it is; the connector joins it (in float32)

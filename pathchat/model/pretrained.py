@@ -212,7 +212,7 @@ def load_pathchat(
         assert isinstance(embeddings, torch.nn.Embedding)
         resized = embeddings.num_embeddings < len(tokenizer)
         if resized:
-            lm.resize_token_embeddings(len(tokenizer))
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set just below
         config.text_config = lm.config  # the model adopts the rebuilt LM and its (resized) config
         model = PathChatForConditionalGeneration(config, language_model=lm)
         if resized:
