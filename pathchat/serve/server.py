@@ -65,8 +65,7 @@ def serve(settings: ServeSettings, pipeline: Any = None) -> int:
 
         url = setup_tunnel(settings.host, settings.port, os.urandom(16).hex(), None, None)
     print(f"PathChat on {url} (slides: {slides_dir}; data: {settings.data_dir}). For Research Use Only.", flush=True)
-    # Ctrl-C / SIGTERM: open chat streams get 2 s to finish instead of holding the shutdown indefinitely
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
 
 

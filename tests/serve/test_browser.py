@@ -25,12 +25,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
 pytestmark = pytest.mark.slow
 
 
+WORD_DELAY_S = 1.2
+
+
 @pytest.fixture(scope="module")
 def slow_served(tmp_path_factory) -> Iterator[Served]:
     from fake_pipeline import FakePipeline
 
-    # 0.6 s a word: slow enough to watch the answer grow in the page even on a busy machine
-    yield from serve_app(tmp_path_factory.mktemp("browser"), auth=None, pipeline=FakePipeline(delay_s=0.6))
+    # slow enough to watch the answer grow, and to click Stop mid-answer, even on a busy machine (0.6 s a
+    # word was too short for the Stop click while the suite ran on both cores)
+    yield from serve_app(tmp_path_factory.mktemp("browser"), auth=None, pipeline=FakePipeline(delay_s=WORD_DELAY_S))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,7 @@ def test_pathologist_session_in_the_browser(slow_served, page):
     while slow_served.service._slots._value != 2 and time.monotonic() < deadline:  # concurrency 2
         time.sleep(0.2)
     assert slow_served.service._slots._value == 2
-    time.sleep(4 * 0.6)  # longer than the rest of the answer would have taken
+    time.sleep(4 * WORD_DELAY_S)  # longer than the rest of the answer would have taken
     assert "Answer 2 about 88 tiles." not in page.evaluate("() => window.__seen")
 
     # ask about a region: draw a rectangle, ask, the rectangle stays with its answer
