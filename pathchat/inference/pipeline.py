@@ -435,7 +435,7 @@ class Pipeline:
         results: list[tuple[str, np.ndarray] | None] = [None] * len(items)
         live = []
         for i, (slide, _) in enumerate(items):
-            fixed = getattr(slide, "fixed_answer", None) or (NO_TISSUE_ANSWER if slide.no_tissue else None)
+            fixed = slide.fixed_answer
             if fixed is not None:
                 results[i] = (fixed, np.zeros(0, dtype=np.float32))
             else:

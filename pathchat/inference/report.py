@@ -155,17 +155,17 @@ def build_report(name: str, slide_files: list[str] | None, bag: Any, sections: S
     report: dict[str, Any] = {"notice": RESEARCH_NOTICE, "slide": name}
     if slide_files is not None:
         report["slide_files"] = slide_files
-    if resolution_error is not None:
-        answers = None
+    if resolution_error is not None or answers is None:  # not assessed: no model was asked
+        if resolution_error is not None:
+            status, reason, text = ("insufficient_resolution", resolution_reason(resolution_error),
+                                    INSUFFICIENT_RESOLUTION_SECTION)
+        else:
+            status, reason, text = ("insufficient_tissue", INSUFFICIENT_TISSUE_REASON.format(n=n, m=min_tiles),
+                                    "Insufficient tissue: not assessed.")
         relevance = np.zeros(n, np.float32)
-        report.update(status="insufficient_resolution", status_reason=resolution_reason(resolution_error))
-        report["sections"] = [{"name": s.name, "title": s.title, "question": s.question,
-                               "answer": INSUFFICIENT_RESOLUTION_SECTION, "top_tiles": []} for s in sections]
-    elif answers is None:
-        relevance = np.zeros(n, np.float32)
-        report.update(status="insufficient_tissue", status_reason=INSUFFICIENT_TISSUE_REASON.format(n=n, m=min_tiles))
-        report["sections"] = [{"name": s.name, "title": s.title, "question": s.question,
-                               "answer": "Insufficient tissue: not assessed.", "top_tiles": []} for s in sections]
+        report.update(status=status, status_reason=reason)
+        report["sections"] = [{"name": s.name, "title": s.title, "question": s.question, "answer": text,
+                               "top_tiles": []} for s in sections]
     else:
         rels = [r for _, r in answers]
         if any(len(r) != n for r in rels):  # a capped tile sample: its relevance is not over the bag's tiles
