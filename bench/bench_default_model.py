@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = Path(args.model) if args.model else builtin_model_dir()
     if folder is None:
         raise SystemExit("no built-in model is installed (pathchat/assets/default_model/); pass --model")
-    model, tokenizer = load_pathchat(folder, device="cpu")
+    model, tokenizer = load_pathchat(folder, device="cpu", merge_adapter=True)
     lm, base_tokenizer = load_smollm2()
     system_prompt = json.loads((folder / "config.json").read_text()).get("system_prompt") or ""
     if not system_prompt:  # the shipped chat template carries it as the default: read it back

@@ -104,19 +104,45 @@ def _start(app: Any, port: int) -> Any:
     return server
 
 
-def bench_http(slide_dir: Path, data_dir: Path, tiles: list[tuple[int, int, int]], repeats: int,
-               connections: tuple[int, ...] = (1, 4)) -> dict[str, float]:
-    """Tiles per second through the app's tile route, by `connections` concurrent clients."""
-    import httpx
+def _tile_server(slide_dir: Path, data_dir: Path, port: int, ids: Any) -> None:
+    """The app without a model, in its own process (as `pathchat serve` runs beside a browser)."""
+    import uvicorn
 
     from pathchat.serve.app import build_app
     from pathchat.serve.settings import ServeSettings
 
-    port = _free_port()
     app = build_app(ServeSettings(data_dir=data_dir, port=port), _NoModel(), slide_dir)
-    server = _start(app, port)
-    sid = app.state.service.catalog.list()[0].slide_id
+    ids.put(app.state.service.catalog.list()[0].slide_id)
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")).run()
+
+
+def bench_http(slide_dir: Path, data_dir: Path, tiles: list[tuple[int, int, int]], repeats: int,
+               connections: tuple[int, ...] = (1, 4)) -> dict[str, float]:
+    """Tiles per second through the app's tile route, by `connections` concurrent clients.
+
+    The server runs in a process of its own, so the clients here do not share its interpreter lock
+    (a browser does not either).
+    """
+    import multiprocessing
+
+    import httpx
+
+    port = _free_port()
+    ctx = multiprocessing.get_context("spawn")
+    ids = ctx.Queue()
+    proc = ctx.Process(target=_tile_server, args=(slide_dir, data_dir, port, ids), daemon=True)
+    proc.start()
+    sid = ids.get(timeout=120)
     base = f"http://127.0.0.1:{port}/slides/{sid}_files"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/slides/{sid}.dzi", timeout=5).raise_for_status()
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline or not proc.is_alive():
+                raise RuntimeError("bench: the tile server did not start") from None
+            time.sleep(0.1)
     out: dict[str, float] = {}
     try:
         for n in connections:
@@ -140,7 +166,8 @@ def bench_http(slide_dir: Path, data_dir: Path, tiles: list[tuple[int, int, int]
             for c in clients:
                 c.close()
     finally:
-        server.should_exit = True
+        proc.terminate()
+        proc.join(10)
     return out
 
 

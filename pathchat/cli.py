@@ -29,7 +29,7 @@ from pathchat.training.config import StageConfig
 from pathchat.utils.batch import BatchSummary
 from pathchat.utils.config import ConfigError, SignatureParser, explain, new_parser
 from pathchat.wsi.grid import TilingParams
-from pathchat.wsi.tile_job import TileJobConfig, tile_slides
+from pathchat.wsi.tile_job import EdgePixels, TileJobConfig, tile_slides
 from pathchat.wsi.tissue import TissueParams
 
 __all__ = ["VERBS", "TilingFlags", "Verb", "build_parser", "main", "show_batch", "verb_parser"]
@@ -82,7 +82,7 @@ class TilingFlags:
     default_slide_mpp: float | None = TileJobConfig.default_slide_mpp
     low_res: Literal["native", "error"] = "native"
     tissue_threshold: float | None = TissueParams.saturation_threshold
-    edge_pixels: Literal["black", "white"] = TileJobConfig.edge_pixels
+    edge_pixels: EdgePixels = TileJobConfig.edge_pixels
 
     def job_config(self, tile_px: int, magnification: float | None = None) -> TileJobConfig:
         """The `TileJobConfig` these flags describe (`magnification` where neither --mag nor --mpp is given);

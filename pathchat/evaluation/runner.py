@@ -507,7 +507,7 @@ def _generate(cfg: EvalConfig, asks: list[_Ask], pred_path: Path) -> int:
     assert cfg.model is not None
     device = _device(cfg.device)
     # Full, connector-only (stage 1) and LoRA checkpoints alike, told apart by their files.
-    model, tokenizer = load_pathchat(cfg.model, device=device)
+    model, tokenizer = load_pathchat(cfg.model, device=device, merge_adapter=True)
     _write_run_config(cfg, pred_path.parent)  # only a run that can answer binds its folder
     _check_feature_recipes(model, {a.features_path for a in asks if a.features_path is not None})
     cache = _FeatureCache()

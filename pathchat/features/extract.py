@@ -238,8 +238,8 @@ def extract_slide(source: SlideSource, job_dir: Path, cfg: ExtractJobConfig, enc
                      "n_failed_tiles": len(failed), "magnification": bag.magnification,
                      "n_grid_tiles": int(len(tile_coords.l0_coords))}
     # No tile with tissue at the main magnification: an empty features file, and the `no_tissue` outcome
-    state = "no_tissue" if info["features"]["n_grid_tiles"] == 0 else "done"
-    return {"state": state, "outputs": outputs, "info": info}
+    outcome = "no_tissue" if info["features"]["n_grid_tiles"] == 0 else "done"
+    return {"state": outcome, "outputs": outputs, "info": info}
 
 
 def extract_slides(

@@ -285,7 +285,7 @@ class Pipeline:
         from pathchat.model.pretrained import load_pathchat
 
         folder = resolve_checkpoint(None if model is None else os.fspath(model), progress=progress)
-        net, tokenizer = load_pathchat(folder, device=device)
+        net, tokenizer = load_pathchat(folder, device=device, merge_adapter=True)
         recipe = _recipe_for(folder, recipe_of_model(net.config), encoder, magnification, tile_size,
                              getattr(net.config, "feature_dim", None))
         job = Path(feature_job) if feature_job is not None else cache_dir("features")

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -362,13 +362,13 @@ class GenerationServer:
         if not idle:
             time.sleep(min(timeout, 0.05))
             return
-        for conn in wait(idle, timeout=timeout):
+        for conn in cast("list[Connection]", wait(idle, timeout=timeout)):  # wait returns what it was given
             try:
-                request = conn.recv()  # type: ignore[union-attr]
+                request = conn.recv()
             except (EOFError, OSError):  # the worker died or was retired
-                self._conns.remove(conn)  # type: ignore[arg-type]
+                self._conns.remove(conn)
                 continue
-            pending.append((conn, request))  # type: ignore[arg-type]
+            pending.append((conn, request))
 
     def _serve_loop(self) -> None:
         pending: list[tuple[Connection, dict[str, Any]]] = []

@@ -103,7 +103,7 @@ def heatmap_png(thumbnail: np.ndarray, downsample: float, l0_coords: np.ndarray,
     Returns:
         The PNG file's bytes (`[h, w + bar]`, the thumbnail enlarged when its longest side is small).
     """
-    rgb = np.ascontiguousarray(thumbnail[..., :3], dtype=np.uint8)
+    rgb: np.ndarray = np.ascontiguousarray(thumbnail[..., :3], dtype=np.uint8)
     factor = max(1, math.ceil(_MIN_SIDE / max(1, max(rgb.shape[:2]))))
     if factor > 1:
         rgb = cv2.resize(rgb, (rgb.shape[1] * factor, rgb.shape[0] * factor), interpolation=cv2.INTER_NEAREST)

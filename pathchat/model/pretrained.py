@@ -175,8 +175,13 @@ def _base_source(folder: Path) -> str:
 def load_pathchat(
     folder: str | os.PathLike[str], device: torch.device | str | None = None,
     attn_implementation: str | None = None, dtype: torch.dtype | None = None, verify: bool = True,
+    merge_adapter: bool = False,
 ) -> tuple[PathChatForConditionalGeneration, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) from any PathChat checkpoint folder.
+
+    ``merge_adapter`` folds a LoRA adapter into the base weights (`merge_lora`) for inference: the
+    peft wrappers add two small matrix products per adapted layer to every decoded token (the
+    built-in model decoded 0.73x as fast as base SmolLM2 unmerged). Keep it off to go on training.
 
     Raises:
         ManifestError: a file differs from the folder's manifest (with ``verify``).
@@ -222,6 +227,10 @@ def load_pathchat(
             from pathchat.model.lora import load_lora
 
             load_lora(model, folder, verify=False)
+            if merge_adapter:
+                from pathchat.model.lora import merge_lora
+
+                merge_lora(model).requires_grad_(False)
         else:
             load_model(model.connector, str(folder / CONNECTOR_WEIGHTS_NAME), strict=True)
     if device is not None:

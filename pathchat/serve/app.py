@@ -257,7 +257,7 @@ def build_app(settings: ServeSettings, pipeline: ChatPipeline, slides_dir: Path)
                                   api_name="ask", concurrency_limit=answer_limit, concurrency_id="answers")
         ask_event.then(None, [evidence_box], None, js="(e) => window.pathchat.showEvidence(e)")
         submit_event = question.submit(ask, [question, chatbot, conv_state], [chatbot, evidence_box, tiles, question],
-                                       api_name=False, concurrency_limit=answer_limit, concurrency_id="answers")
+                                       api_visibility="private", concurrency_limit=answer_limit, concurrency_id="answers")
         submit_event.then(None, [evidence_box], None, js="(e) => window.pathchat.showEvidence(e)")
         region_event = region_btn.click(ask_region, [question, chatbot, conv_state, region_box],
                                         [chatbot, evidence_box, tiles, question], api_name="ask_region",

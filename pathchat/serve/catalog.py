@@ -8,6 +8,7 @@ be a single-file format, and must open with OpenSlide (or Pillow for PNG/JPEG) b
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import re
@@ -86,11 +87,11 @@ class SlideCatalog:
             self._slides = found
         return self.list()
 
-    def list(self) -> list[CatalogSlide]:
+    def list(self) -> builtins.list[CatalogSlide]:
         with self._lock:
             return sorted(self._slides.values(), key=lambda s: (s.uploaded, s.name.lower()))
 
-    def choices(self) -> list[tuple[str, str]]:
+    def choices(self) -> builtins.list[tuple[str, str]]:
         """(label, id) pairs for a dropdown; labels carry no folder."""
         return [(f"{s.name} (uploaded)" if s.uploaded else s.name, s.slide_id) for s in self.list()]
 

@@ -13,10 +13,6 @@ from pathlib import Path
 __all__ = ["check_out_folder", "check_positive", "check_range"]
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_positive(flag: str, value: float | None, *, allow_none: bool = True, unit: str = "") -> None:
     """A finite number > 0 (NaN, infinity, zero and negatives are refused).
 
@@ -25,7 +21,7 @@ def check_positive(flag: str, value: float | None, *, allow_none: bool = True, u
     """
     if value is None and allow_none:
         return
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{flag} must be a positive finite number{unit}, got {value!r}")
 
 
@@ -37,7 +33,8 @@ def check_range(flag: str, value: float | None, low: float, high: float, *, allo
     """
     if value is None and allow_none:
         return
-    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:  # type: ignore[operator]
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not low <= value <= high):
         raise ValueError(f"{flag} must be a number in [{low:g}, {high:g}], got {value!r}")
 
 

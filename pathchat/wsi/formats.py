@@ -8,8 +8,10 @@ header does not parse is damaged. Only headers are read here, never pixels or fr
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
+from typing import Literal
 
 from pathchat.wsi.errors import CorruptSlideError, NotBrightfieldError, SlideError, UnsupportedFormatError
 
@@ -22,7 +24,7 @@ NOT_RGB_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def not_brightfield(path: str | Path, pages: int, mode: str) -> NotBrightfieldError:
+def not_brightfield(path: str | os.PathLike[str], pages: int, mode: str) -> NotBrightfieldError:
     """The error for a single-channel image (one page per channel in multiplex files)."""
     what = f"a {pages}-channel" if pages > 1 else "a single-channel"
     return NotBrightfieldError(path, f"{what} {mode!r} (grayscale) image, i.e. fluorescence or multiplex "
@@ -59,7 +61,7 @@ def _diagnose_dicom(path: Path) -> SlideError | None:
 def _diagnose_tiff(path: Path, head: bytes) -> SlideError | None:
     from PIL import Image
 
-    order = "little" if head[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if head[:2] == b"II" else "big"
     big = head[2:4] in (b"+\x00", b"\x00+")
     first_ifd = int.from_bytes(head[8:16] if big else head[4:8], order)
     size = path.stat().st_size

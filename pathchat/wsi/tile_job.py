@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pathchat.utils.atomic import atomic_write_text
 from pathchat.utils.batch import BatchRunner, BatchSummary, fingerprint_slide, params_key
@@ -32,6 +32,7 @@ from pathchat.wsi.tissue import TissueParams, detect_tissue
 COORDS_SUFFIX = "_patches.h5"
 #: Values of `TileJobConfig.edge_pixels`, the default first.
 EDGE_PIXELS = ("black", "white")
+EdgePixels = Literal["black", "white"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class TileJobConfig:
     max_read_pixels: int = DEFAULT_MAX_READ_PIXELS
     # Tile pixels past the slide edge (and unscanned areas): "black" is what TRIDENT and CLAM feed their
     # encoders (OpenSlide's transparent pixels with the alpha dropped), "white" composites them on white.
-    edge_pixels: str = "black"
+    edge_pixels: EdgePixels = "black"
 
     def __post_init__(self) -> None:
         check_positive("--slide-mpp", self.slide_mpp, unit=" of µm per pixel")

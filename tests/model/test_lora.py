@@ -274,3 +274,38 @@ def test_portable_base_name():
     assert portable_base_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert portable_base_name("/home/me/models/my-llm") == "my-llm"
     assert portable_base_name(None) is None
+
+
+def test_load_pathchat_merges_the_adapter_for_inference(tmp_path):
+    """`load_pathchat(merge_adapter=True)` (what the inference pipeline loads): no peft wrappers left,
+    nothing trainable, and the logits of the unmerged adapter to float rounding."""
+    from tiny_models import CONNECTOR, FEATURE_DIM, text_config
+
+    from pathchat.model.modeling import build_pathchat
+    from pathchat.model.pretrained import load_pathchat
+    from pathchat.model.tokenizers import build_test_tokenizer
+    from pathchat.training.checkpoints import save_pathchat_checkpoint
+
+    tokenizer = build_test_tokenizer("llama3")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**text_config("llama", len(tokenizer)))).save_pretrained(
+        tmp_path / "base")
+    build_test_tokenizer("llama3").save_pretrained(tmp_path / "base")  # the base as a hub folder holds one
+    model = build_pathchat(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer, FEATURE_DIM,
+                           CONNECTOR)
+    model.config.base_language_model = str(tmp_path / "base")
+    apply_lora(model, SETTINGS)
+    _randomize_trainable(model)
+    folder = tmp_path / "ckpt"
+    save_pathchat_checkpoint(model, tokenizer, folder, "lora", training_config={"stage": "instruct"})
+
+    adapted, tok = load_pathchat(folder)
+    merged, _ = load_pathchat(folder, merge_adapter=True)
+    assert isinstance(adapted.language_model, PeftModel)
+    assert not isinstance(merged.language_model, PeftModel)
+    assert not any("lora_" in n for n, _ in merged.named_modules())
+    assert not any(p.requires_grad for p in merged.parameters()) and not merged.training
+    expected = _logits(adapted, tok)
+    assert not torch.allclose(expected, _logits(build_pathchat(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer, FEATURE_DIM, CONNECTOR).eval(), tok))
+    torch.testing.assert_close(_logits(merged, tok), expected, rtol=0, atol=1e-5)
