@@ -75,8 +75,12 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: Any | None = None
             ids.add(c)
         elif isinstance(c, (list, tuple)):
             ids.update(int(x) for x in c)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab)
+    # Token by token, not `get_vocab()`: building SmolLM2's 49k-entry dict took 37 ms, a fifth of a
+    # session's time to first token.
+    for token in _END_OF_TURN_TOKENS:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(i, int) and i >= 0 and tokenizer.convert_ids_to_tokens(i) == token:  # not the unk id
+            ids.add(i)
     return ids
 
 

@@ -255,3 +255,15 @@ def test_slide_size_reaches_the_connector_on_every_path():
     assert answer_relevance(model, **result.relevance_inputs()).shape == (2, 12)
     with pytest.raises(ValueError, match="1 slide sizes for 2 items"):
         generate_batch(model, tokenizer, items, max_new_tokens=2, slide_sizes=[small])
+
+
+def test_end_of_turn_ids_are_the_family_tokens_present_and_never_the_unknown_id(tiny):
+    kind, model, tokenizer = tiny
+    vocab = tokenizer.get_vocab()
+    expected = {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>",
+                                   "<end_of_turn>", "</s>") if t in vocab}
+    expected.add(tokenizer.eos_token_id)
+    gen_eos = model.generation_config.eos_token_id
+    expected.update(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
+    ids = end_of_turn_ids(tokenizer, model)
+    assert ids == expected and len(ids) >= 2, (kind, ids, expected)  # eos plus the family's end-of-turn

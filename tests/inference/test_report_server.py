@@ -73,3 +73,36 @@ def test_a_server_nobody_asks_makes_no_model_call():
     with GenerationServer(_load, gen) as server:
         assert server.endpoint()["address"]
     assert gen.calls == 0 and server.model_calls == 0 and server.rounds == 0
+
+
+def test_a_round_waits_for_a_connected_worker_still_preparing_but_not_for_one_that_never_asks():
+    """Rounds fill up: a request 0.4 s behind the first joins its round; with every connected worker
+    waiting the round starts at once; a connected worker that sends nothing holds it `linger_s` at most."""
+    import time
+
+    gen = _CountingGenerator()
+    with GenerationServer(_load, gen, batch_slides=4, linger_s=2.0) as server:
+        endpoint = server.endpoint()
+
+        def connect() -> Client:
+            return Client(endpoint["address"], family="AF_UNIX", authkey=bytes.fromhex(endpoint["key"]))
+
+        first, late = connect(), connect()
+        time.sleep(0.2)  # both accepted
+        start = time.monotonic()
+        first.send({"slide_id": "a", "features": "a.h5", "questions": [["q", 4]]})
+        time.sleep(0.4)
+        late.send({"slide_id": "b", "features": "b.h5", "questions": [["q", 4]]})
+        assert first.recv()["answers"][0][0] == "a:q" and late.recv()["answers"][0][0] == "b:q"
+        waited = time.monotonic() - start
+        assert server.batch_sizes == [2] and 0.4 <= waited < 1.5, (server.batch_sizes, waited)
+
+        silent = connect()  # connected, never asks: the next round waits for it until linger_s
+        time.sleep(0.2)
+        start = time.monotonic()
+        first.send({"slide_id": "c", "features": "c.h5", "questions": [["q", 4]]})
+        assert first.recv()["answers"][0][0] == "c:q"
+        waited = time.monotonic() - start
+        assert server.batch_sizes == [2, 1] and 1.9 <= waited < 3.5, (server.batch_sizes, waited)
+        for c in (first, late, silent):
+            c.close()
