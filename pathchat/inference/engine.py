@@ -40,7 +40,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
 
 from pathchat.data.collator import pad_tiles
 from pathchat.model.connectors.positions import stack_slide_sizes
-from pathchat.model.conversation import SLIDE_TOKEN, render_conversation
+from pathchat.model.conversation import SLIDE_TOKEN, render_conversation, vocab_id
 from pathchat.model.modeling import PathChatForConditionalGeneration
 
 __all__ = [
@@ -75,12 +75,9 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: Any | None = None
             ids.add(c)
         elif isinstance(c, (list, tuple)):
             ids.update(int(x) for x in c)
-    # Token by token, not `get_vocab()`: building SmolLM2's 49k-entry dict took 37 ms, a fifth of a
-    # session's time to first token.
-    for token in _END_OF_TURN_TOKENS:
-        i = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(i, int) and i >= 0 and tokenizer.convert_ids_to_tokens(i) == token:  # not the unk id
-            ids.add(i)
+    # Token by token (`vocab_id`): `get_vocab()` took 37 ms for SmolLM2, a fifth of a session's
+    # time to first token.
+    ids.update(i for i in (vocab_id(tokenizer, t) for t in _END_OF_TURN_TOKENS) if i is not None)
     return ids
 
 

@@ -19,6 +19,7 @@ from pathchat.model.conversation import (
     format_token_mask,
     messages_from_record,
     render_conversation,
+    vocab_id,
 )
 from pathchat.model.tokenizers import build_test_tokenizer
 
@@ -259,3 +260,16 @@ def test_test_tokenizer_template_family(style, eos, bos):
                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
     with pytest.raises(ValueError, match="unknown tokenizer style"):
         build_test_tokenizer("gpt2")
+
+
+@pytest.mark.parametrize("style", ["qwen2", "llama3"])
+def test_vocab_id_finds_held_tokens_and_never_answers_with_the_unknown_id(style):
+    tokenizer = build_test_tokenizer(style)
+    vocab = tokenizer.get_vocab()
+    eos = str(tokenizer.eos_token)
+    assert vocab_id(tokenizer, eos) == vocab[eos] == tokenizer.eos_token_id
+    assert vocab_id(tokenizer, "<|no_such_token|>") is None
+    tokenizer.add_special_tokens({"unk_token": "<unk>"})  # absent tokens now convert to this id
+    assert tokenizer.convert_tokens_to_ids("<|no_such_token|>") == tokenizer.unk_token_id
+    assert vocab_id(tokenizer, "<|no_such_token|>") is None
+    assert vocab_id(tokenizer, "<unk>") == tokenizer.unk_token_id
