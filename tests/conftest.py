@@ -9,28 +9,73 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+import fcntl  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import IO  # noqa: E402
+
 import pytest  # noqa: E402
 
 
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs 2 workers on 2 cores) each worker's torch uses one thread:
-    two workers of two threads each oversubscribed the cores and the learnability recipe took 20 minutes
-    instead of about 8."""
+    two workers of two threads each oversubscribe the cores (torch's threads spin while they wait)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
 
 
+def _lock_folder(config: pytest.Config) -> Path:
+    """A folder every xdist worker of this run shares (the parent of the workers' own base temps)."""
+    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _lock(path: Path, mode: int) -> IO[str]:
+    f = path.open("a")
+    fcntl.flock(f, mode)
+    return f
+
+
+def _unlock(f: IO[str]) -> None:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def _hold_training_lock(folder: Path, mode: int) -> IO[str]:
+    """The demo-model lock, shared (a test) or exclusive (the training). Passing "pending" first makes a
+    waiting exclusive request stop new shared ones, so the training waits for one test at most."""
+    pending = _lock(folder / "demo_model.pending", fcntl.LOCK_EX if mode == fcntl.LOCK_EX else fcntl.LOCK_SH)
+    try:
+        return _lock(folder / "demo_model.lock", mode)
+    finally:
+        _unlock(pending)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Every test but the one that trains the demo model runs under a shared lock, which that training
+    holds exclusively: while it trains (2 threads, about 8 minutes), the other worker waits instead of
+    running beside it. Side by side they oversubscribed the 2 cores and the training took 20 minutes.
+    Taken outside pytest-timeout's clock, so the wait does not count as the test's time."""
+    if "demo_model" in getattr(item, "fixturenames", ()):
+        yield
+        return
+    held = _hold_training_lock(_lock_folder(item.config), fcntl.LOCK_SH)
+    try:
+        yield
+    finally:
+        _unlock(held)
+
+
 @pytest.fixture(scope="session")
-def demo_model(tmp_path_factory):
+def demo_model(tmp_path_factory, pytestconfig):
     """The demo model, trained once per session by the synthetic recipe (both stages, then scored).
 
-    Shared by the learnability test and the demo test; about 8 minutes on 2 cores. Returns
-    (cache folder, checkpoint folder, learnability summary).
+    Used by the learnability test; about 8 minutes on 2 cores, with no other test running meanwhile
+    (`pytest_runtest_protocol`). Returns (cache folder, checkpoint folder, learnability summary).
     """
     import sys
-    from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
@@ -43,9 +88,11 @@ def demo_model(tmp_path_factory):
     # The recipe's figures are its 2-thread run's (an xdist worker runs 1 thread; the results depend on the
     # thread count: 1 thread gave 0.932 held-out and location 0.708 against 0.971 and 0.875 with 2).
     threads = torch.get_num_threads()
+    held = _hold_training_lock(_lock_folder(pytestconfig), fcntl.LOCK_EX)  # no other test runs meanwhile
     torch.set_num_threads(2)
     try:
         summary = run_learnability(cache, LearnConfig(), progress=False)
     finally:
         torch.set_num_threads(threads)
+        _unlock(held)
     return cache, cache / "instruct", summary

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pathchat.data.records import ConversationRecord, RecordError, SkippedRecords
 from pathchat.data.slide_features import MissingFeaturesError, SlideFeatureStore
-from pathchat.model.conversation import IGNORE_INDEX, SLIDE_PLACEHOLDER, add_slide_tokens, render_conversation
+from pathchat.model.conversation import IGNORE_INDEX, SLIDE_PLACEHOLDER, render_conversation, slide_block
 
 __all__ = ["ConversationDataset", "RenderedSample", "render_plain"]
 
@@ -45,23 +45,24 @@ class RenderedSample:
 
 
 def render_plain(text: str, tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int,
-                 max_length: int | None = None) -> tuple[list[int], list[int]]:
+                 max_length: int | None = None,
+                 slide_token_labels: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """LLaVA's "plain" alignment format: the slide tokens, then the text and EOS; loss on the text.
 
     Stage 1 only teaches the connector to speak the LLM's language, so no chat template or
     question is needed. Text beyond ``max_length`` is cut (the slide tokens never are).
     """
-    _, placeholder_id = add_slide_tokens(tokenizer)
+    block, _ = slide_block(tokenizer, num_slide_tokens, slide_token_labels)
     text_ids = list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None:
         text_ids.append(int(eos))
     if max_length is not None:
-        if max_length <= num_slide_tokens:
-            raise ValueError(f"max_length {max_length} leaves no room after {num_slide_tokens} slide tokens")
-        text_ids = text_ids[: max_length - num_slide_tokens]
-    ids = [placeholder_id] * num_slide_tokens + text_ids
-    labels = [IGNORE_INDEX] * num_slide_tokens + text_ids
+        if max_length <= len(block):
+            raise ValueError(f"max_length {max_length} leaves no room after {len(block)} slide tokens")
+        text_ids = text_ids[: max_length - len(block)]
+    ids = block + text_ids
+    labels = [IGNORE_INDEX] * len(block) + text_ids
     return ids, labels
 
 
@@ -84,16 +85,19 @@ class ConversationDataset(Dataset[dict[str, Any]]):
             positions that restart after the slide: each answer is trained exactly as if its record
             were asked alone, and no answer can be copied from another record's. For independent
             questions (VQA sets, the synthetic recipe); the collator turns it into an attention mask.
+        slide_token_labels: text before each slide token (the model config's; `slide_block`).
     """
 
     def __init__(self, records: Sequence[ConversationRecord], store: SlideFeatureStore,
                  tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int, max_length: int | None = None,
                  prompt_format: PromptFormat = "chat", system_prompt: str | None = None,
-                 skip_invalid: bool = False, progress: bool = True, isolate_records: bool = False):
+                 skip_invalid: bool = False, progress: bool = True, isolate_records: bool = False,
+                 slide_token_labels: Sequence[str] | None = None):
         if prompt_format not in ("chat", "plain"):
             raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
         self.store = store
         self.isolate_records = isolate_records
+        self.slide_token_labels = slide_token_labels
         self.skipped = SkippedRecords()
         self.samples: list[RenderedSample] = []
         self.dropped_turns = 0
@@ -126,12 +130,12 @@ class ConversationDataset(Dataset[dict[str, Any]]):
         self.store.check(rec.slide, rec.id)
         if prompt_format == "plain":
             answer = next(m["content"] for m in reversed(rec.messages) if m["role"] == "assistant")
-            ids, labels = render_plain(answer, tokenizer, k, max_length)
+            ids, labels = render_plain(answer, tokenizer, k, max_length, self.slide_token_labels)
             return RenderedSample(rec.id, rec.slide, ids, labels, 1, 0, list(rec.source_ids))
         if self.isolate_records and len(rec.segment_starts) > 1:
             return self._render_isolated(rec, tokenizer, k, max_length, system_prompt)
-        r = render_conversation(rec.messages, tokenizer, k, max_length=max_length,
-                                system_prompt=system_prompt, record_id=rec.id)
+        r = render_conversation(rec.messages, tokenizer, k, max_length=max_length, system_prompt=system_prompt,
+                                record_id=rec.id, slide_token_labels=self.slide_token_labels)
         if r.num_slides != 1:
             raise RecordError(f"record {rec.id!r}: expected exactly one slide marker, found {r.num_slides}")
         answers = rec.num_answers - r.dropped_turns
@@ -149,7 +153,8 @@ class ConversationDataset(Dataset[dict[str, Any]]):
         prefix: list[int] | None = None
         answers = dropped = 0
         for r, messages in enumerate(rec.segments()):
-            part = render_conversation(messages, tokenizer, k, system_prompt=system_prompt, record_id=rec.id)
+            part = render_conversation(messages, tokenizer, k, system_prompt=system_prompt, record_id=rec.id,
+                                       slide_token_labels=self.slide_token_labels)
             if part.num_slides != 1:
                 raise RecordError(f"record {rec.id!r}: expected exactly one slide marker, found {part.num_slides}")
             cut = max(i for i, t in enumerate(part.input_ids) if t == placeholder) + 1

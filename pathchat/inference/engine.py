@@ -294,7 +294,8 @@ class ChatSession:
 
     def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of `messages` (ending with a user message) plus the assistant header."""
-        return render_conversation(messages, self.tokenizer, self.k, add_generation_prompt=True).input_ids
+        return render_conversation(messages, self.tokenizer, self.k, add_generation_prompt=True,
+                                   slide_token_labels=self.model.config.slide_token_labels).input_ids
 
     def _prefill(self, target: list[int]) -> Tensor:
         """Run the uncached part of `target` into the cache; return the last position's logits."""
@@ -562,8 +563,8 @@ def generate_batch_ids(
     for _, _, question in items:
         q = question if SLIDE_TOKEN in question else f"{SLIDE_TOKEN}\n{question}"
         prompts.append(render_conversation([{"role": "user", "content": q}], tokenizer, k,
-                                           system_prompt=system_prompt,
-                                           add_generation_prompt=True).input_ids)
+                                           system_prompt=system_prompt, add_generation_prompt=True,
+                                           slide_token_labels=model.config.slide_token_labels).input_ids)
     b, width = len(prompts), max(len(p) for p in prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = int(pad_id or 0)

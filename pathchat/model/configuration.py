@@ -55,6 +55,8 @@ class PathChatConfig(PretrainedConfig):
         slide_token: the marker users write where the slide goes.
         slide_token_id, slide_placeholder_id: token ids from `add_slide_tokens(tokenizer)`, set by
             the caller (`build_pathchat` does); the placeholder id is what the model replaces.
+        slide_token_labels: text rendered before each slide token (one per token; None: none), so
+            the LLM reads which grid cell a token covers instead of learning it (`slide_block`).
     """
 
     model_type = "pathchat"
@@ -67,6 +69,7 @@ class PathChatConfig(PretrainedConfig):
     slide_token: str = SLIDE_TOKEN
     slide_token_id: int | None = None
     slide_placeholder_id: int | None = None
+    slide_token_labels: list[str] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -78,6 +81,11 @@ class PathChatConfig(PretrainedConfig):
         elif int(self.num_slide_tokens) != int(connector_k):
             raise ValueError(f"num_slide_tokens={self.num_slide_tokens} but the {self.connector['type']!r} "
                              f"connector outputs {connector_k} tokens; leave num_slide_tokens unset to derive it")
+        if self.slide_token_labels is not None:
+            self.slide_token_labels = [str(label) for label in self.slide_token_labels]
+            if len(self.slide_token_labels) != self.num_slide_tokens or not all(self.slide_token_labels):
+                raise ValueError(f"slide_token_labels needs {self.num_slide_tokens} non-empty labels (one per "
+                                 f"slide token), got {self.slide_token_labels!r}")
         if self.feature_dim < 1:
             raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
         # The language model's own config decides whether its lm_head is tied (LlavaConfig does the same).

@@ -2,7 +2,8 @@
 
 Rendering never hand-writes a prompt format: the chat template of the tokenizer renders the
 text, with ``<slide>`` kept as one special token, and each ``<slide>`` id is then expanded into
-``num_slide_tokens`` placeholder ids that the model fills with connector outputs. Assistant
+``num_slide_tokens`` placeholder ids that the model fills with connector outputs (each after its
+label's text when the model names its slide tokens: `slide_block`). Assistant
 spans are found by rendering prefixes (messages[:i] with a generation prompt vs messages[:i+1])
 and diffing characters, so any prefix-stable template works, not only ones with ``{% generation %}``.
 Truncation drops whole later turns and never cuts the slide tokens.
@@ -26,6 +27,7 @@ __all__ = [
     "format_token_mask",
     "messages_from_record",
     "render_conversation",
+    "slide_block",
     "vocab_id",
 ]
 
@@ -71,6 +73,31 @@ def add_slide_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     placeholder_id = tokenizer.convert_tokens_to_ids(SLIDE_PLACEHOLDER)
     assert isinstance(slide_id, int) and isinstance(placeholder_id, int)
     return slide_id, placeholder_id
+
+
+def slide_block(tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int,
+                labels: Sequence[str] | None = None) -> tuple[list[int], list[bool]]:
+    """The ids one ``<slide>`` expands to, and which of them are placeholders.
+
+    Without labels: ``k`` placeholders. With labels (one per slide token, tokenized as written, e.g.
+    " upper left:"), each placeholder follows its label's tokens, so the LLM can name where a slide
+    token's content lies by copying text it already reads, instead of learning what each position means.
+
+    Raises:
+        ValueError: a label count other than ``k``, or an empty label.
+    """
+    _, placeholder_id = add_slide_tokens(tokenizer)
+    if labels is None:
+        return [placeholder_id] * num_slide_tokens, [True] * num_slide_tokens
+    if len(labels) != num_slide_tokens:
+        raise ValueError(f"{len(labels)} slide token labels for {num_slide_tokens} slide tokens; give one per token")
+    ids: list[int] = []
+    for label in labels:
+        label_ids = list(tokenizer(label, add_special_tokens=False)["input_ids"])
+        if not label_ids:
+            raise ValueError(f"slide token label {label!r} has no tokens")
+        ids += label_ids + [placeholder_id]
+    return ids, [i == placeholder_id for i in ids]
 
 
 def _where(record_id: str | None) -> str:
@@ -166,6 +193,7 @@ def render_conversation(
     system_prompt: str | None = None,
     add_generation_prompt: bool = False,
     record_id: str | None = None,
+    slide_token_labels: Sequence[str] | None = None,
 ) -> RenderedConversation:
     """Render messages with the tokenizer's chat template, expand slides, and build loss labels.
 
@@ -180,6 +208,8 @@ def render_conversation(
         system_prompt: inserted as the first message when the messages have no system message.
         add_generation_prompt: end with the template's assistant header, for generation.
         record_id: named in errors and kept on the result.
+        slide_token_labels: text before each placeholder (`slide_block`); the model config's
+            ``slide_token_labels``.
 
     Returns:
         A ``RenderedConversation``; labels are ``IGNORE_INDEX`` except each assistant message's
@@ -209,13 +239,13 @@ def render_conversation(
             raise ValueError(f"{where}: message {i} ({m['role']}) contains {SLIDE_TOKEN}; "
                              "only user messages may show the slide")
     slide_id, placeholder_id = add_slide_tokens(tokenizer)
+    block, _ = slide_block(tokenizer, num_slide_tokens, slide_token_labels)
 
     head = 1 if msgs[0]["role"] == "system" else 0
     num_turns = (len(msgs) - head + 1) // 2  # a trailing lone user message counts as a turn
     for keep in range(num_turns, 0, -1):
         kept = msgs[: head + 2 * keep] if not add_generation_prompt else msgs
-        rendered = _render(kept, tokenizer, slide_id, placeholder_id, num_slide_tokens,
-                           add_generation_prompt, where)
+        rendered = _render(kept, tokenizer, slide_id, placeholder_id, block, add_generation_prompt, where)
         if max_length is None or len(rendered[0]) <= max_length:
             input_ids, labels, num_slides = rendered
             return RenderedConversation(
@@ -246,7 +276,7 @@ def _render(
     tokenizer: PreTrainedTokenizerBase,
     slide_id: int,
     placeholder_id: int,
-    k: int,
+    block: list[int],
     add_generation_prompt: bool,
     where: str,
 ) -> tuple[list[int], list[int], int]:
@@ -288,8 +318,8 @@ def _render(
     for tok, train in zip(ids, trained, strict=True):
         if tok == slide_id:
             num_slides += 1
-            input_ids.extend([placeholder_id] * k)
-            labels.extend([IGNORE_INDEX] * k)
+            input_ids.extend(block)
+            labels.extend([IGNORE_INDEX] * len(block))
         else:
             input_ids.append(tok)
             labels.append(tok if train else IGNORE_INDEX)

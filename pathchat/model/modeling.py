@@ -409,6 +409,7 @@ def build_pathchat(
     attn_implementation: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    slide_token_labels: list[str] | None = None,
 ) -> PathChatForConditionalGeneration:
     """PathChat around a language model, with slide tokens added to the tokenizer.
 
@@ -426,6 +427,7 @@ def build_pathchat(
         dtype: compute dtype; None is bf16 on CUDA, fp32 on CPU for a new model (or when `device`
             is given), and leaves an adopted model's dtype alone (its connector stays float32).
             A quantised language model keeps its own; only the connector is cast.
+        slide_token_labels: text before each slide token (`PathChatConfig.slide_token_labels`).
 
     Returns:
         The model, with embeddings covering `len(tokenizer)`, the slide ids in its config, their
@@ -464,6 +466,7 @@ def build_pathchat(
         feature_dim=feature_dim,
         slide_token_id=slide_id,
         slide_placeholder_id=placeholder_id,
+        slide_token_labels=slide_token_labels,
     )
     model = PathChatForConditionalGeneration(config, language_model=language_model)
     embeddings = model.get_input_embeddings()

@@ -43,6 +43,8 @@ class ModelConfig:
         init_from: instruct: the stage-1 checkpoint whose connector is loaded.
         attn_implementation: null: flash-attention 2 when possible, else sdpa.
         seed: initialisation seed of the connector (and of tiny language models).
+        slide_token_labels: text before each slide token, one per token (null: none), e.g. the grid
+            cell each one reads: " upper left:", …; kept in the checkpoint's config.
     """
 
     language_model: str = "tiny:qwen2"
@@ -52,6 +54,7 @@ class ModelConfig:
     init_from: str | None = None
     attn_implementation: str | None = None
     seed: int = 0
+    slide_token_labels: list[str] | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathchat.data.collator import PathChatCollator
 from pathchat.data.dataset import ConversationDataset
 from pathchat.data.records import ConversationRecord, load_records, pack_by_slide
 from pathchat.data.slide_features import SlideFeatureStore
+from pathchat.model.configuration import PathChatConfig
 from pathchat.model.modeling import PathChatForConditionalGeneration, build_pathchat
 from pathchat.model.pretrained import checkpoint_kind, load_language_model, load_pathchat
 from pathchat.training.checkpoints import (
@@ -68,6 +69,10 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
         if base and base != m.language_model:
             raise ValueError(f"model.init_from {m.init_from} was trained on {base!r} but model.language_model "
                              f"is {m.language_model!r}; they must match")
+        labels = model.config.slide_token_labels
+        if (list(labels) if labels else None) != (list(m.slide_token_labels) if m.slide_token_labels else None):
+            raise ValueError(f"model.init_from {m.init_from} names its slide tokens {labels!r} but "
+                             f"model.slide_token_labels is {m.slide_token_labels!r}; they must match")
         logger.info("loaded stage-1 connector from %s (%s checkpoint)", m.init_from, checkpoint_kind(m.init_from))
         model.train()
         return model, tokenizer
@@ -78,7 +83,7 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
                                         seed=m.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.seed)
-        model = build_pathchat(lm, tokenizer, feature_dim, m.connector)
+        model = build_pathchat(lm, tokenizer, feature_dim, m.connector, slide_token_labels=m.slide_token_labels)
     model.config.base_language_model = m.language_model
     model.train()
     return model, tokenizer
@@ -176,12 +181,13 @@ def _check_stage_inputs(cfg: StageConfig) -> None:
 
 
 def _datasets(cfg: StageConfig, records: list[ConversationRecord], store: SlideFeatureStore,
-              tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int
+              tokenizer: PreTrainedTokenizerBase, model_config: PathChatConfig
               ) -> tuple[ConversationDataset, ConversationDataset | None]:
     """The training dataset and the held-out one (``data.eval``; None without it), rendered alike."""
 
     def render(rows: list[ConversationRecord], progress: bool) -> ConversationDataset:
-        return ConversationDataset(rows, store, tokenizer, num_slide_tokens, max_length=cfg.data.max_length,
+        return ConversationDataset(rows, store, tokenizer, int(model_config.num_slide_tokens or 0),
+                                   max_length=cfg.data.max_length, slide_token_labels=model_config.slide_token_labels,
                                    prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
                                    system_prompt=cfg.data.system_prompt, skip_invalid=cfg.data.skip_invalid,
                                    progress=progress, isolate_records=cfg.data.isolate_records)
@@ -308,8 +314,7 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
     records, skipped = load_stage_records(cfg, cfg.data.train)
     store = SlideFeatureStore(cfg.data.features, max_tiles=cfg.data.max_tiles, sample_seed=cfg.data.tile_sample_seed)
     model.config.feature_recipe = training_feature_recipe(store, records)
-    assert model.config.num_slide_tokens is not None
-    dataset, eval_dataset = _datasets(cfg, records, store, tokenizer, model.config.num_slide_tokens)
+    dataset, eval_dataset = _datasets(cfg, records, store, tokenizer, model.config)
     _standardize_features(cfg, model, store, dataset)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:

@@ -134,3 +134,25 @@ def test_packing_one_sequence_per_slide(toy, tok, tmp_path):
     assert len(split) == 2 * len(recs)
     packed = pack_by_slide(split)
     assert len(packed) == len(recs) and sum(r.num_answers for r in packed) == len(split)
+
+
+def test_slide_token_labels_in_plain_chat_and_isolated_packs(toy, tok):
+    from pathchat.data.records import split_by_question
+    from pathchat.model.conversation import slide_block
+
+    labels = [f" cell {i}:" for i in range(K)]
+    block, _ = slide_block(tok, K, labels)
+    ids, plain_labels = render_plain("The tissue is red.", tok, K, slide_token_labels=labels)
+    assert ids[:len(block)] == block and plain_labels[:len(block)] == [IGNORE_INDEX] * len(block)
+    assert tok.decode(ids[len(block):-1]) == "The tissue is red."
+    store = SlideFeatureStore(toy["features"])
+    packed = pack_by_slide(split_by_question(load_records(toy["instruct"])))
+    for isolate in (False, True):
+        ds = ConversationDataset(packed, store, tok, K, progress=False, isolate_records=isolate,
+                                 slide_token_labels=labels)
+        sample = ds[0]["input_ids"].tolist()
+        start = sample.index(block[0])
+        # the slide, with its labels, once per pack; labels never trained
+        assert sample[start:start + len(block)] == block
+        assert sample.count(tok.convert_tokens_to_ids(SLIDE_PLACEHOLDER)) == K
+        assert all(lab == IGNORE_INDEX for lab in ds[0]["labels"].tolist()[start:start + len(block)])

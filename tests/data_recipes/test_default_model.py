@@ -155,3 +155,19 @@ def test_rehearsal_trains_refusals_for_harmful_prompts_and_base_answers_for_the_
     for g in GENERAL_EVAL[-2:]:
         assert passes(g, REFUSAL), g.prompt
 
+
+
+def test_slide_token_labels_name_the_quadrant_each_grid_token_reads():
+    """A tile in the middle of layout quadrant q (x: q % 2, y: q // 2, as `layout` draws regions) falls in
+    the connector's grid cell q, so label q names the quadrant the q-th slide token reads."""
+    import torch
+
+    from pathchat.model.connectors.positions import grid_cells
+
+    cfg = DefaultModelConfig()
+    assert cfg.connector["grid_size"] == 2 and cfg.connector["num_latents"] == 0
+    assert cfg.connector["position_frame"] == "slide"
+    size = torch.tensor([[8000.0, 6000.0]])
+    centres = torch.tensor([[[(q % 2 + 0.5) * 4000.0, (q // 2 + 0.5) * 3000.0] for q in range(4)]])
+    assert grid_cells(centres, size, 2).tolist() == [[0, 1, 2, 3]]
+    assert cfg.slide_token_labels == [f" {q}:" for q in QUADRANTS]

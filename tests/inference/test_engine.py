@@ -267,3 +267,50 @@ def test_end_of_turn_ids_are_the_family_tokens_present_and_never_the_unknown_id(
     expected.update(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
     ids = end_of_turn_ids(tokenizer, model)
     assert ids == expected and len(ids) >= 2, (kind, ids, expected)  # eos plus the family's end-of-turn
+
+
+def test_labelled_slide_tokens_in_session_batch_and_checkpoint(tmp_path):
+    """A model that names its slide tokens renders each name before its token on every path, keeps the
+    cache exact, and keeps the names through save_pretrained / load_pathchat."""
+    from tiny_models import CONNECTOR, text_config
+
+    from pathchat.model.conversation import add_slide_tokens, slide_block
+    from pathchat.model.modeling import build_pathchat
+    from pathchat.model.pretrained import load_pathchat
+    from pathchat.model.tokenizers import build_test_tokenizer
+
+    labels = [f" token {i}:" for i in range(K)]
+    tokenizer = build_test_tokenizer("qwen2")
+    add_slide_tokens(tokenizer)
+    torch.manual_seed(0)
+    model = build_pathchat(text_config("qwen2", len(tokenizer)), tokenizer, FEATURE_DIM, CONNECTOR,
+                           slide_token_labels=labels).eval()
+    block, _ = slide_block(tokenizer, K, labels)
+    features, coords = _slide(12, 0)
+    session = ChatSession(model, tokenizer, features, coords, keep_prefill_logits=True)
+    first = session.ask("What tissue is this?", max_new_tokens=5)
+    prompt = session.render(session.messages[:1])
+    start = prompt.index(block[0])
+    assert prompt[start:start + len(block)] == block
+    session.ask("Any necrosis?", max_new_tokens=4)
+    target = session.render(session.messages[:3])
+    new = session.prefill_lengths[1]
+    assert (session.last_logits[1] - _full_logits(model, session, target)[-new:]).abs().max().item() < 1e-4
+    assert generate_batch(model, tokenizer, [(features, coords, "What tissue is this?")], max_new_tokens=5) == [first]
+
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    loaded, loaded_tokenizer = load_pathchat(tmp_path / "ckpt")
+    assert loaded.config.slide_token_labels == labels
+    again = ChatSession(loaded.eval(), loaded_tokenizer, features, coords)
+    assert again.render([{"role": "user", "content": "<slide>\nWhat tissue is this?"}]) == prompt
+
+
+def test_slide_token_labels_must_name_every_token():
+    from tiny_models import CONNECTOR, text_config
+
+    from pathchat.model.configuration import PathChatConfig
+
+    with pytest.raises(ValueError, match=f"slide_token_labels needs {K} non-empty labels"):
+        PathChatConfig(text_config=text_config("qwen2", 300), connector=CONNECTOR, feature_dim=FEATURE_DIM,
+                       slide_token_labels=["a", "b"])

@@ -19,6 +19,7 @@ from pathchat.model.conversation import (
     format_token_mask,
     messages_from_record,
     render_conversation,
+    slide_block,
     vocab_id,
 )
 from pathchat.model.tokenizers import build_test_tokenizer
@@ -273,3 +274,23 @@ def test_vocab_id_finds_held_tokens_and_never_answers_with_the_unknown_id(style)
     assert tokenizer.convert_tokens_to_ids("<|no_such_token|>") == tokenizer.unk_token_id
     assert vocab_id(tokenizer, "<|no_such_token|>") is None
     assert vocab_id(tokenizer, "<unk>") == tokenizer.unk_token_id
+
+
+def test_slide_token_labels_precede_each_placeholder(chat_tokenizer):
+    labels = [f" cell {i}:" for i in range(K)]
+    plain = render_conversation(_conversation(1), chat_tokenizer, K)
+    named = render_conversation(_conversation(1), chat_tokenizer, K, slide_token_labels=labels)
+    _, placeholder = add_slide_tokens(chat_tokenizer)
+    block, is_placeholder = slide_block(chat_tokenizer, K, labels)
+    label_ids = [chat_tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    assert block == [i for ids in label_ids for i in [*ids, placeholder]]
+    assert sum(is_placeholder) == K and [i for i, p in zip(block, is_placeholder, strict=True) if p] == [placeholder] * K
+    # The block replaces the k placeholders; everything else, labels included, is unchanged.
+    start = plain.input_ids.index(placeholder)
+    assert named.input_ids == plain.input_ids[:start] + block + plain.input_ids[start + K:]
+    assert named.labels == plain.labels[:start] + [IGNORE_INDEX] * len(block) + plain.labels[start + K:]
+    assert named.input_ids.count(placeholder) == K
+    with pytest.raises(ValueError, match="3 slide token labels for 8 slide tokens"):
+        render_conversation(_conversation(1), chat_tokenizer, K, slide_token_labels=labels[:3])
+    with pytest.raises(ValueError, match="has no tokens"):
+        slide_block(chat_tokenizer, 2, ["a", ""])

@@ -170,3 +170,18 @@ def test_the_held_out_loss_also_projects_only_the_answer_positions(toy, tmp_path
     held_out = [only for training, only in calls if not training]
     assert held_out and all(held_out)  # every held-out forward pass: logits at the answers only
     assert all(only for training, only in calls if training)
+
+
+def test_slide_token_labels_reach_the_model_and_must_match_stage_1(toy, tmp_path):
+    k = int(build_stage_model(_cfg(toy, "align", tmp_path / "probe"))[0].config.num_slide_tokens)
+    labels = [f" cell {i}:" for i in range(k)]
+    model, tokenizer = build_stage_model(_cfg(toy, "align", tmp_path / "a", **{"model.slide_token_labels": labels}))
+    assert model.config.slide_token_labels == labels
+    model.save_pretrained(tmp_path / "a")
+    tokenizer.save_pretrained(tmp_path / "a")
+    same = _cfg(toy, "instruct", tmp_path / "i", **{"model.init_from": str(tmp_path / "a"),
+                                                     "model.slide_token_labels": labels})
+    assert build_stage_model(same)[0].config.slide_token_labels == labels
+    other = _cfg(toy, "instruct", tmp_path / "i", **{"model.init_from": str(tmp_path / "a")})
+    with pytest.raises(ValueError, match="names its slide tokens .* but model.slide_token_labels is None"):
+        build_stage_model(other)
