@@ -52,7 +52,7 @@ def render_plain(text: str, tokenizer: PreTrainedTokenizerBase, num_slide_tokens
     Stage 1 only teaches the connector to speak the LLM's language, so no chat template or
     question is needed. Text beyond ``max_length`` is cut (the slide tokens never are).
     """
-    block, _ = slide_block(tokenizer, num_slide_tokens, slide_token_labels)
+    block = slide_block(tokenizer, num_slide_tokens, slide_token_labels)
     text_ids = list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None:

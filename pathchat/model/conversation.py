@@ -76,8 +76,8 @@ def add_slide_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
 
 
 def slide_block(tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int,
-                labels: Sequence[str] | None = None) -> tuple[list[int], list[bool]]:
-    """The ids one ``<slide>`` expands to, and which of them are placeholders.
+                labels: Sequence[str] | None = None) -> list[int]:
+    """The ids one ``<slide>`` expands to.
 
     Without labels: ``k`` placeholders. With labels (one per slide token, tokenized as written, e.g.
     " upper left:"), each placeholder follows its label's tokens, so the LLM can name where a slide
@@ -88,7 +88,7 @@ def slide_block(tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int,
     """
     _, placeholder_id = add_slide_tokens(tokenizer)
     if labels is None:
-        return [placeholder_id] * num_slide_tokens, [True] * num_slide_tokens
+        return [placeholder_id] * num_slide_tokens
     if len(labels) != num_slide_tokens:
         raise ValueError(f"{len(labels)} slide token labels for {num_slide_tokens} slide tokens; give one per token")
     ids: list[int] = []
@@ -97,7 +97,7 @@ def slide_block(tokenizer: PreTrainedTokenizerBase, num_slide_tokens: int,
         if not label_ids:
             raise ValueError(f"slide token label {label!r} has no tokens")
         ids += label_ids + [placeholder_id]
-    return ids, [i == placeholder_id for i in ids]
+    return ids
 
 
 def _where(record_id: str | None) -> str:
@@ -239,7 +239,7 @@ def render_conversation(
             raise ValueError(f"{where}: message {i} ({m['role']}) contains {SLIDE_TOKEN}; "
                              "only user messages may show the slide")
     slide_id, placeholder_id = add_slide_tokens(tokenizer)
-    block, _ = slide_block(tokenizer, num_slide_tokens, slide_token_labels)
+    block = slide_block(tokenizer, num_slide_tokens, slide_token_labels)
 
     head = 1 if msgs[0]["role"] == "system" else 0
     num_turns = (len(msgs) - head + 1) // 2  # a trailing lone user message counts as a turn

@@ -141,7 +141,7 @@ def test_slide_token_labels_in_plain_chat_and_isolated_packs(toy, tok):
     from pathchat.model.conversation import slide_block
 
     labels = [f" cell {i}:" for i in range(K)]
-    block, _ = slide_block(tok, K, labels)
+    block = slide_block(tok, K, labels)
     ids, plain_labels = render_plain("The tissue is red.", tok, K, slide_token_labels=labels)
     assert ids[:len(block)] == block and plain_labels[:len(block)] == [IGNORE_INDEX] * len(block)
     assert tok.decode(ids[len(block):-1]) == "The tissue is red."

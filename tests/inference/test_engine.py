@@ -285,7 +285,7 @@ def test_labelled_slide_tokens_in_session_batch_and_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = build_pathchat(text_config("qwen2", len(tokenizer)), tokenizer, FEATURE_DIM, CONNECTOR,
                            slide_token_labels=labels).eval()
-    block, _ = slide_block(tokenizer, K, labels)
+    block = slide_block(tokenizer, K, labels)
     features, coords = _slide(12, 0)
     session = ChatSession(model, tokenizer, features, coords, keep_prefill_logits=True)
     first = session.ask("What tissue is this?", max_new_tokens=5)
