@@ -52,6 +52,12 @@ def _hold_training_lock(folder: Path, mode: int) -> IO[str]:
         _unlock(pending)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The test that trains the demo model goes first, so its training (which runs alone) does not wait
+    for a long test another worker has started."""
+    items.sort(key=lambda item: "demo_model" not in getattr(item, "fixturenames", ()))
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
     """Every test but the one that trains the demo model runs under a shared lock, which that training

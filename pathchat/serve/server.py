@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -39,6 +40,40 @@ def load_pipeline(settings: ServeSettings) -> Any:
                                     max_new_tokens=settings.max_new_tokens)
 
 
+SHUTDOWN_GRACE_S = 3
+"""How long a stopping server lets requests in flight finish before it closes their connections."""
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Ends every open page's heartbeat stream when asked to stop (gradio's own launcher does the same
+        through the app's `stop_event`): an open browser tab otherwise kept Ctrl-C or a SIGTERM waiting
+        until the tab went away."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            for route in getattr(self.config.app, "routes", ()):
+                event = getattr(getattr(route, "app", None), "stop_event", None)
+                if loop is not None and event is not None:
+                    loop.call_soon_threadsafe(event.set)
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def run_app(app: Any, host: str, port: int, log_level: str = "warning") -> None:
+    """Serve the app with uvicorn until Ctrl-C or SIGTERM, which stop it at once (`_server_class`)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    _server_class()(config).run()
+
+
 def serve(settings: ServeSettings, pipeline: Any = None) -> int:
     """Serve the PathChat page until interrupted; returns the exit code.
 
@@ -50,8 +85,6 @@ def serve(settings: ServeSettings, pipeline: Any = None) -> int:
     # Gradio's uploads and cache go to the app's own data folder; no usage analytics leave the machine.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(settings.gradio_dir))
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    import uvicorn
-
     from pathchat.serve.app import build_app
 
     slides_dir = Path(settings.slides) if settings.slides else ensure_demo_slides(settings.demo_slides_dir)
@@ -65,7 +98,7 @@ def serve(settings: ServeSettings, pipeline: Any = None) -> int:
 
         url = setup_tunnel(settings.host, settings.port, os.urandom(16).hex(), None, None)
     print(f"PathChat on {url} (slides: {slides_dir}; data: {settings.data_dir}). For Research Use Only.", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    run_app(app, settings.host, settings.port)
     return 0
 
 

@@ -19,12 +19,14 @@ def test_generation_bench_small_run(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "generation.json"
     result = bench.main(["--layers", "1", "--hidden", "64", "--vocab", "1024", "--tiles", "40",
-                         "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--out", str(out)])
+                         "--new-tokens", "24", "--repeats", "3", "--threads", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["greedy_outputs_identical"] is True  # all three paths decode the same tokens
     assert result["model"]["attn_implementation"] == "sdpa"
     for name in ("plain", "pathchat_generate", "chat_session"):
-        assert result["decode"]["wall"][name]["ms_4_tokens"] > 0
+        assert result["decode"]["wall"][name]["ms_24_tokens"] > 0
+    # A decode rate is (N - 1) / (t_N - t_1): with 4 tokens and one repeat, timer noise made it negative
+    # (-0.012 ms a token); 24 tokens, the median of 3, leave it positive.
     assert result["decode"]["cpu"]["chat_session"]["ratio_vs_plain"] > 0
     ttft = result["ttft"]
     assert ttft["first_turn_prefill_tokens"] == result["prompt_tokens"]

@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    import uvicorn
     from fake_pipeline import FakePipeline
     from serve_helpers import make_slide_folder
 
     from pathchat.serve.app import build_app
+    from pathchat.serve.server import run_app
     from pathchat.serve.settings import ServeSettings
 
     p = argparse.ArgumentParser()
@@ -46,7 +46,7 @@ def main() -> int:
                 "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     app.router.routes.insert(0, app.router.routes.pop())  # before the Gradio mount at "/"
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error")
+    run_app(app, "127.0.0.1", args.port, log_level="error")
     return 0
 
 

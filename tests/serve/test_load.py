@@ -51,9 +51,11 @@ def server(tmp_path_factory):
             raise RuntimeError(f"test server did not start: {proc.communicate()[0][-2000:]}")
         time.sleep(0.3)
     yield url
+    stopping = time.monotonic()
     proc.terminate()
     out, _ = proc.communicate(timeout=20)
     assert "Traceback" not in out, out[-3000:]
+    assert time.monotonic() - stopping < 2.0  # 8 clients' heartbeat streams end at once (before: 15 s)
 
 
 def _slide_id(client) -> str:

@@ -55,9 +55,12 @@ def real_server(tmp_path_factory):
             raise RuntimeError(f"pathchat serve did not start: {proc.communicate()[0][-3000:]}")
         time.sleep(0.5)
     yield url, data
+    stopping = time.monotonic()
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out, out[-3000:]
+    # The test's clients opened heartbeat streams; they end at once (before: 15 s, gradio's heartbeat period).
+    assert time.monotonic() - stopping < 2.0
 
 
 def test_serve_with_the_real_pipeline(real_server):
