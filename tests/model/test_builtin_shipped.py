@@ -19,8 +19,8 @@ from pathchat.model.smollm import smollm2_gguf_path
 ROOT = Path(__file__).resolve().parents[2]
 HELDOUT_SLIDES = 10  # the first 10 held-out slides of the recipe's seed-0 dataset (about 50 closed questions)
 # The recipe measured 0.922 on 60 held-out slides (controls 0.253 / 0.256, chance 0.266), and this test
-# 0.897 on these 10 against 0.207 with shuffled features; an older model (0.808 there) gave 0.707 / 0.224. The floors leave room
-# for another CPU's arithmetic and still fail a model that does not read the slide.
+# 0.897 on these 10 against 0.207 with shuffled features; an older model (0.808 there) gave 0.707 / 0.224.
+# The floors leave room for another CPU's arithmetic and still fail a model that does not read the slide.
 OWN_FLOOR = 0.6
 MARGIN = 0.3
 
