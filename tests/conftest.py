@@ -45,17 +45,21 @@ def _unlock(f: IO[str]) -> None:
 def _hold_training_lock(folder: Path, mode: int) -> IO[str]:
     """The demo-model lock, shared (a test) or exclusive (the training). Passing "pending" first makes a
     waiting exclusive request stop new shared ones, so the training waits for one test at most."""
-    pending = _lock(folder / "demo_model.pending", fcntl.LOCK_EX if mode == fcntl.LOCK_EX else fcntl.LOCK_SH)
+    pending = _lock(folder / "demo_model.pending", mode)
     try:
         return _lock(folder / "demo_model.lock", mode)
     finally:
         _unlock(pending)
 
 
+def _trains_demo_model(item: pytest.Item) -> bool:
+    return "demo_model" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config, items):
     """The test that trains the demo model goes first, so its training (which runs alone) does not wait
     for a long test another worker has started."""
-    items.sort(key=lambda item: "demo_model" not in getattr(item, "fixturenames", ()))
+    items.sort(key=lambda item: not _trains_demo_model(item))
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -64,7 +68,7 @@ def pytest_runtest_protocol(item, nextitem):
     holds exclusively: while it trains (2 threads, about 8 minutes), the other worker waits instead of
     running beside it. Side by side they oversubscribed the 2 cores and the training took 20 minutes.
     Taken outside pytest-timeout's clock, so the wait does not count as the test's time."""
-    if "demo_model" in getattr(item, "fixturenames", ()):
+    if _trains_demo_model(item):
         yield
         return
     held = _hold_training_lock(_lock_folder(item.config), fcntl.LOCK_SH)

@@ -70,7 +70,7 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
             raise ValueError(f"model.init_from {m.init_from} was trained on {base!r} but model.language_model "
                              f"is {m.language_model!r}; they must match")
         labels = model.config.slide_token_labels
-        if (list(labels) if labels else None) != (list(m.slide_token_labels) if m.slide_token_labels else None):
+        if (labels or None) != (m.slide_token_labels or None):
             raise ValueError(f"model.init_from {m.init_from} names its slide tokens {labels!r} but "
                              f"model.slide_token_labels is {m.slide_token_labels!r}; they must match")
         logger.info("loaded stage-1 connector from %s (%s checkpoint)", m.init_from, checkpoint_kind(m.init_from))
