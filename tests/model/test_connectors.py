@@ -401,3 +401,27 @@ def test_local_grid_tokens_see_only_their_own_cell():
     conn.train()
     conn(feats, coords, None, slide_size_um=size).tokens.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in conn.parameters() if p.grad is not None)
+
+
+def test_grid_tokens_without_self_attention_hold_only_their_own_cell():
+    torch.manual_seed(0)
+    size = torch.tensor([[4096.0, 4096.0]])
+    coords = torch.cat([_piece_at(256, 256), _piece_at(3072, 256)], dim=1)  # upper left, upper right
+    feats = torch.randn(1, 18, D_ENC, generator=torch.Generator().manual_seed(3))
+    other = feats.clone()
+    other[:, 9:] = torch.randn(1, 9, D_ENC, generator=torch.Generator().manual_seed(4))  # new upper-right tiles
+    moved = {}
+    for mixing in (True, False):
+        config = ScaleInvariantConfig(grid_size=2, num_latents=2, hidden_dim=32, num_heads=4, num_kv_heads=2,
+                                      num_frequencies=8, position_frame="slide", local_grid=True,
+                                      grid_self_attention=mixing)
+        conn = build_connector(config, D_ENC, D_LLM).eval()
+        with torch.no_grad():
+            a = conn(feats, coords, None, slide_size_um=size).tokens[0]
+            b = conn(other, coords, None, slide_size_um=size).tokens[0]
+        moved[mixing] = (a - b).abs().amax(dim=-1)  # per token
+    # isolated: the upper-left and both empty cells' tokens ignore the upper-right tiles; the
+    # upper-right token and the latents (which see everything) follow them
+    assert moved[False][[0, 2, 3]].max() < 1e-5
+    assert moved[False][1] > 1e-2 and moved[False][4:].min() > 1e-2
+    assert moved[True][[0, 2, 3]].min() > 1e-3  # mixed through the query self-attention

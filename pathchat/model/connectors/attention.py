@@ -85,7 +85,8 @@ class QueryBlock(nn.Module):
         return x.view(b, m, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, queries: Tensor, memory_kv: Tensor, tile_mask: Tensor | None,
-                need_weights: bool, query_gate: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool, query_gate: Tensor | None = None,
+                self_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """One block.
 
         Args:
@@ -94,11 +95,12 @@ class QueryBlock(nn.Module):
             tile_mask: `[b, n]` bool, a per-query `[b, k, n]`, or None when no tile is padding.
             need_weights: also return the cross-attention weights `[b, k, n]` averaged over heads.
             query_gate: `[b, k]`, multiplies each query's cross-attention output (0 = take nothing).
+            self_mask: `[k, k]` bool, which queries each query may attend to (None: all).
         """
         b, nq, d = queries.shape
         h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = (self._heads(t, h) for t in self.self_qkv(self.norm_self(queries)).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, nq, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask).transpose(1, 2).reshape(b, nq, d)
         queries = queries + self.self_out(out)
 
         # [b, k, hkv, g, dh] -> [b, hkv, g * k, dh]: a group's queries share one key/value head.
@@ -142,14 +144,15 @@ class QueryTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(dim)
 
     def forward(self, queries: Tensor, memory: Tensor, tile_mask: Tensor,
-                query_gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                query_gate: Tensor | None = None, self_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """queries `[b, k, d]`, memory `[b, n, d]`, tile_mask `[b, n]` (or per query `[b, k, n]`; every
-        row needs a True), query_gate `[b, k]` (see `QueryBlock`) -> (`[b, k, d]`, token_relevance `[b, k, n]`)."""
+        row needs a True), query_gate `[b, k]` and self_mask `[k, k]` (see `QueryBlock`) ->
+        (`[b, k, d]`, token_relevance `[b, k, n]`)."""
         memory_kv = self.memory_kv(self.norm_memory(memory)).chunk(len(self.blocks), dim=-1)
         mask = None if bool(tile_mask.all()) else tile_mask  # unmasked kernels are faster
         weights: Tensor | None = None
         for i, block in enumerate(self.blocks):
             queries, weights = block(queries, memory_kv[i], mask, need_weights=i == len(self.blocks) - 1,
-                                     query_gate=query_gate)
+                                     query_gate=query_gate, self_mask=self_mask)
         assert weights is not None
         return self.norm_out(queries), weights

@@ -57,6 +57,10 @@ class ScaleInvariantConfig(ConnectorConfig):
         local_grid: each grid token cross-attends only to the tiles of its own cell (an empty cell's
             token takes nothing from the tiles), so it says what is in that cell and nothing else;
             off, grid tokens attend to every tile like the latents.
+        grid_self_attention: grid tokens attend to one another in the query self-attention. Off,
+            each grid token sees only itself there (latents still see every token): with
+            `local_grid`, a token then holds its own cell's content and no other cell's, so the LLM
+            cannot find a class in the wrong cell's token.
     """
 
     type: str = "scale_invariant"
@@ -73,6 +77,7 @@ class ScaleInvariantConfig(ConnectorConfig):
     num_scales: int = 2
     position_frame: str = "tissue"
     local_grid: bool = False
+    grid_self_attention: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,7 +155,12 @@ class ScaleInvariantConnector(Connector):
             own = torch.where(occupied[..., None], own, tile_mask[:, None, :])
             cross_mask = torch.cat([own, tile_mask[:, None, :].expand(-1, self.config.num_latents, -1)], dim=1)
             gate = torch.cat([occupied, occupied.new_ones(b, self.config.num_latents)], dim=1).float()
-        queries, token_relevance = self.transformer(queries, memory, cross_mask, gate)
+        self_mask = None
+        if not self.config.grid_self_attention:
+            k = self.config.num_tokens
+            self_mask = torch.ones(k, k, dtype=torch.bool, device=queries.device)
+            self_mask[: g * g] = torch.eye(g * g, k, dtype=torch.bool, device=queries.device)
+        queries, token_relevance = self.transformer(queries, memory, cross_mask, gate, self_mask)
         tokens = self.out_proj(queries + self.token_embedding + self.count_out(token_counts))
         relevance = normalise_relevance(token_relevance.mean(dim=1), tile_mask)
         return ConnectorOutput(tokens=tokens, relevance=relevance, token_relevance=token_relevance)
