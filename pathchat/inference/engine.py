@@ -16,6 +16,12 @@ is not prefix-stable, or an answer that re-tokenises differently), the cache is 
 longest common prefix (or dropped, when that prefix does not cover the slide) and a log line
 says so.
 
+Every session of a model begins with the same tokens before its first slide token (system
+prompt, user header, the first slide-token name). Their keys and values do not depend on the
+slide, so `PrefixCache` keeps them per model and a new session copies them instead of running
+them again: its first prefill runs only the slide tokens and the question (the time to the first
+token falls with the tokens prefilled).
+
 `generate_batch` answers many (slide, question) items greedily with left padding (tiles padded
 to the longest slide with `tile_mask`), and `answer_relevance` turns the connector's per-token
 tile weights into one per-tile map per answer, weighted by the answer's attention to the slide
@@ -29,7 +35,11 @@ generated (their logits are masked), so their embeddings never reach the languag
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -48,6 +58,7 @@ __all__ = [
     "decode",
     "sample_next",
     "ChatSession",
+    "PrefixCache",
     "BatchGeneration",
     "check_context",
     "end_of_turn_ids",
@@ -217,6 +228,72 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class PrefixCache:
+    """Keys and values of slide-independent prompt prefixes, shared by the sessions of one model.
+
+    An entry is valid only for the weights it was computed with: it is keyed by the parameters'
+    identities and in-place versions (and their device and dtype), so training, `load_state_dict`
+    or merging an adapter after an entry was made turns it into a miss, never a stale hit. At most
+    `max_entries` prefixes (system prompts) are kept, least recently used first out. Thread-safe:
+    the web UI runs sessions on worker threads.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, ...], tuple[tuple[Any, ...] | None, DynamicCache]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def weights_key(model: torch.nn.Module) -> tuple[Any, ...] | None:
+        """What the weights are now (None when it cannot be told: inference tensors keep no versions)."""
+        params = list(model.parameters())
+        try:
+            versions = tuple((id(p), p._version) for p in params)
+        except RuntimeError:
+            return None
+        return versions, None if not params else (params[0].device, params[0].dtype)
+
+    def get(self, model: torch.nn.Module, ids: Sequence[int]) -> DynamicCache | None:
+        """A private copy of the cache of `ids` (None when absent or made with other weights)."""
+        key = tuple(ids)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] is None or entry[0] != self.weights_key(model):
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return copy.deepcopy(entry[1])
+
+    def put(self, model: torch.nn.Module, ids: Sequence[int], cache: DynamicCache) -> None:
+        """Keep a copy of the first `len(ids)` positions of `cache` (which holds `ids` first)."""
+        weights = self.weights_key(model)
+        if weights is None:
+            return
+        kept = copy.deepcopy(cache)
+        _crop_to(kept, len(ids))
+        with self._lock:
+            self._entries[tuple(ids)] = (weights, kept)
+            self._entries.move_to_end(tuple(ids))
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
+_PREFIX_CACHES: weakref.WeakKeyDictionary[torch.nn.Module, PrefixCache] = weakref.WeakKeyDictionary()
+_PREFIX_CACHES_LOCK = threading.Lock()
+
+
+def prefix_cache_for(model: torch.nn.Module) -> PrefixCache:
+    """The model's shared `PrefixCache` (made on first use; freed with the model)."""
+    with _PREFIX_CACHES_LOCK:
+        cache = _PREFIX_CACHES.get(model)
+        if cache is None:
+            cache = _PREFIX_CACHES[model] = PrefixCache()
+        return cache
+
+
 class ChatSession:
     """Multi-turn chat about one slide that keeps the KV cache of the whole conversation so far.
 
@@ -233,11 +310,15 @@ class ChatSession:
         generator: RNG for sampling (None: torch's global RNG).
         keep_prefill_logits: keep each turn's `[new, V]` prefill logits in `last_logits` (for
             tests and debugging; off, the prefill computes only the last position's logits).
+        share_prefix: start from the model's shared keys and values of the tokens before the first
+            slide token (`PrefixCache`) when they are there, and leave them there when not.
 
     Attributes:
         messages: the conversation so far (the first user message carries `<slide>`).
         prefill_lengths: per turn, how many tokens `ask` had to run through the model before
-            generating (the whole prompt on the first turn, only the new tokens afterwards).
+            generating (the whole prompt on the first turn, less `shared_prefix_tokens`; only the
+            new tokens afterwards).
+        shared_prefix_tokens: how many tokens the first turn took from the model's `PrefixCache`.
         full_recomputes: turns whose cache could not be reused (0 for a prefix-stable template).
         connector_runs: how many times the connector ran (1 per session unless recomputed).
     """
@@ -258,6 +339,7 @@ class ChatSession:
         top_k: int = 0,
         generator: torch.Generator | None = None,
         keep_prefill_logits: bool = False,
+        share_prefix: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -282,6 +364,8 @@ class ChatSession:
         self.cached_ids: list[int] = []  # exactly the ids whose keys/values are in self.cache
         self.answer_ids: list[list[int]] = []  # generated ids per turn (end-of-turn token included)
         self.keep_prefill_logits = keep_prefill_logits
+        self.share_prefix = share_prefix
+        self.shared_prefix_tokens = 0
         self.last_logits: list[Tensor] = []  # per turn: `[new, V]` logits of the prefilled tokens
         self._busy = False
 
@@ -321,8 +405,17 @@ class ChatSession:
         new = target[len(self.cached_ids):]
         device = self._device()
         kwargs: dict[str, Any] = {}
+        prefix: list[int] = []
         if self.cache is None:
-            self.cache = _new_cache(self.model)
+            # The text before the first slide token is the same for every slide.
+            if self.share_prefix and placeholder is not None and placeholder in target:
+                prefix = target[: target.index(placeholder)]
+            shared = prefix_cache_for(self.model).get(self.model, prefix) if prefix else None
+            if shared is not None:
+                self.cache, self.cached_ids, self.shared_prefix_tokens = shared, list(prefix), len(prefix)
+                new, prefix = target[len(prefix):], []
+            else:
+                self.cache = _new_cache(self.model)
             kwargs = {name: (None if t is None else t.to(device)) for name, t in self.tiles.items()}
             self.connector_runs += 1
         input_ids = torch.tensor([new], device=device)
@@ -331,6 +424,8 @@ class ChatSession:
                                                                         device=device),
                          cache=self.cache, use_cache=True,
                          logits_to_keep=0 if self.keep_prefill_logits else 1, **kwargs)
+        if prefix:  # a miss: share this prompt's prefix with the sessions to come
+            prefix_cache_for(self.model).put(self.model, prefix, self.cache)
         self.cached_ids = self.cached_ids + new
         self.prefill_lengths.append(len(new))
         if self.keep_prefill_logits:

@@ -10,6 +10,7 @@ from tiny_models import FEATURE_DIM, K, build_tiny
 
 from pathchat.inference.engine import (
     ChatSession,
+    PrefixCache,
     end_of_turn_ids,
     generate_batch,
     generate_batch_ids,
@@ -46,6 +47,7 @@ def test_follow_up_reuses_cache_and_matches_full_recompute(tiny, caplog):
         session.ask("What tissue is this?", max_new_tokens=6)
         cached_after_1 = list(session.cached_ids)
         first_prompt = session.render(session.messages[:1])
+        assert session.shared_prefix_tokens == 0  # the model's first session: nothing shared yet
         assert session.prefill_lengths == [len(first_prompt)]
         assert cached_after_1[: len(first_prompt)] == first_prompt
         assert session.cache is not None and len(cached_after_1) == session.cache.get_seq_length()
@@ -101,8 +103,63 @@ def test_stream_concatenates_to_answer(tiny):
         text = plain.ask(q, max_new_tokens=7)
         pieces = list(streamed.ask(q, max_new_tokens=7, stream=True))
         assert isinstance(text, str) and "".join(pieces) == text
-    assert plain.prefill_lengths == streamed.prefill_lengths
+    # the second session takes the text before the slide from the first one's
+    assert plain.shared_prefix_tokens == 0 and streamed.shared_prefix_tokens > 0
+    assert plain.prefill_lengths[0] == streamed.prefill_lengths[0] + streamed.shared_prefix_tokens
+    assert plain.prefill_lengths[1:] == streamed.prefill_lengths[1:]
     assert plain.answer_ids == streamed.answer_ids
+
+
+def test_shared_prefix_matches_full_recompute_and_follows_the_weights():
+    model, tokenizer = build_tiny("qwen2")
+    first = ChatSession(model, tokenizer, *_slide(12, 0), system_prompt="Answer briefly.")
+    first.ask("What tissue is this?", max_new_tokens=5)
+    features, coords = _slide(9, 5)  # another slide: the prefix holds nothing of the slide
+    shared = ChatSession(model, tokenizer, features, coords, system_prompt="Answer briefly.",
+                         keep_prefill_logits=True)
+    alone = ChatSession(model, tokenizer, features, coords, system_prompt="Answer briefly.", share_prefix=False)
+    for q in ("Is there necrosis?", "Margins?"):
+        assert shared.ask(q, max_new_tokens=6) == alone.ask(q, max_new_tokens=6)
+    assert shared.answer_ids == alone.answer_ids
+    prompt = shared.render(shared.messages[:2])
+    placeholder = model.config.slide_placeholder_id
+    assert shared.shared_prefix_tokens == prompt.index(placeholder) > 10  # system prompt + user header
+    assert shared.prefill_lengths[0] == len(prompt) - shared.shared_prefix_tokens
+    assert alone.prefill_lengths[0] == len(prompt) and alone.shared_prefix_tokens == 0
+    full = _full_logits(model, shared, prompt)
+    assert (shared.last_logits[0] - full[shared.shared_prefix_tokens:]).abs().max().item() < 1e-4
+
+    # another system prompt is another prefix: a miss
+    other = ChatSession(model, tokenizer, features, coords, system_prompt="Be thorough.")
+    other.ask("Is there necrosis?", max_new_tokens=2)
+    assert other.shared_prefix_tokens == 0
+
+    # weights changed in place (training, merging an adapter): the old keys are never reused
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.5)
+    changed = ChatSession(model, tokenizer, features, coords, system_prompt="Answer briefly.",
+                          keep_prefill_logits=True)
+    changed.ask("Is there necrosis?", max_new_tokens=2)
+    assert changed.shared_prefix_tokens == 0 and changed.prefill_lengths[0] == len(prompt)
+    assert (changed.last_logits[0] - _full_logits(model, changed, prompt)).abs().max().item() < 1e-4
+
+
+def test_prefix_cache_keeps_the_most_recent_prefixes_as_private_copies():
+    model, _ = build_tiny("qwen2")
+    cache = PrefixCache(max_entries=2)
+    kv = {}
+    for name, ids in (("a", [1, 2, 3, 4, 5]), ("b", [6, 7, 8]), ("c", [9, 10])):
+        with torch.no_grad():
+            kv[name] = model(input_ids=torch.tensor([ids + [11, 12]]), use_cache=True).cache
+        cache.put(model, ids[:-1] if name == "a" else ids, kv[name])
+    assert cache.get(model, [1, 2, 3, 4]) is None  # the oldest went when the third came
+    got = cache.get(model, [6, 7, 8])
+    assert got is not None and got.get_seq_length() == 3  # cropped to the prefix
+    assert kv["b"].get_seq_length() == 5  # the caller's cache is untouched
+    got.crop(-1)
+    again = cache.get(model, [6, 7, 8])
+    assert again is not None and again.get_seq_length() == 3  # a copy each time
+    assert (cache.hits, cache.misses) == (2, 1)
 
 
 def test_sampling_is_seeded_and_slide_marker_checked():
