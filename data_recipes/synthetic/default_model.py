@@ -44,7 +44,14 @@ from data_recipes.synthetic.questions import (
     slide_questions,
 )
 from data_recipes.synthetic.truth import RegionTruth, SlideTruth
-from data_recipes.synthetic.wordings import NUMBER_WORDS, REPORT_TEMPLATES, TRAIN_WORDINGS, training_report
+from data_recipes.synthetic.wordings import (
+    NUMBER_WORDS,
+    QUADRANT_WORDINGS,
+    REPORT_TEMPLATES,
+    TRAIN_WORDINGS,
+    quadrant_answer,
+    training_report,
+)
 
 __all__ = ["DefaultModelConfig", "main", "parse_report", "run_default_model", "training_records", "truth_from_dict"]
 
@@ -66,7 +73,8 @@ class DefaultModelConfig:
     system_prompt: str = SYSTEM_PROMPT
     connector: dict[str, Any] = field(default_factory=lambda: {
         "type": "scale_invariant", "grid_size": 2, "num_latents": 0, "hidden_dim": 96, "num_heads": 4,
-        "num_kv_heads": 2, "num_layers": 2, "position_frame": "slide", "local_grid": True, "feature_noise": 0.5})
+        "num_kv_heads": 2, "num_layers": 2, "position_frame": "slide", "local_grid": True,
+        "grid_self_attention": False, "feature_noise": 0.5})
     # The grid tokens in row-major order are the quadrants of the glass; each is rendered after its name
     # (" upper left:" <slide token> ...), so that location can be read from text, not from a token's position.
     # With and without the names (the same schedule) location scored 60.4% on held-out slides; with them,
@@ -89,6 +97,10 @@ class DefaultModelConfig:
     instruct_lr: float = 2e-3
     instruct_batch_size: int = 8
     hard_repeats: int = 1  # extra rounds of the hard types where they are hard (`build.hard_types`)
+    # more location questions a round on slides with several regions, every located class each time: the one
+    # type that needs the LLM to find one slide token by its content and name its quadrant
+    location_repeats: int = 3
+    quadrant_questions: int = 1  # "what is in the <quadrant>?" a round per slide (training only, `QUADRANT_WORDINGS`)
     pack_max_records: int = 8
     rehearsal_per_round: int = 160  # general prompts (base SmolLM2's answers) attached to training slides a round
     # (each of the 80 twice: with 30 once a round, 1.6% of the records, the tuned model answered "pale tissue"
@@ -164,6 +176,14 @@ def training_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
             for _ in range(cfg.hard_repeats):
                 items += slide_questions(t, rng, balancer, max_per_type=cfg.max_per_type, only=hard_types(t),
                                          wordings=TRAIN_WORDINGS)
+            for _ in range(cfg.location_repeats if len(t.regions) > 1 else 0):
+                items += slide_questions(t, rng, balancer, max_per_type=len(QUADRANTS), only=("location",),
+                                         wordings=TRAIN_WORDINGS)
+            for _ in range(cfg.quadrant_questions):
+                quadrant = QUADRANTS[int(rng.integers(len(QUADRANTS)))]
+                wording = QUADRANT_WORDINGS[int(rng.integers(len(QUADRANT_WORDINGS)))]
+                items.append(QAItem("location_open", wording.format(quadrant=quadrant), None, None,
+                                    quadrant_answer(t, quadrant)))
             items = [items[i] for i in rng.permutation(len(items))]
             recs = [conversation(t.slide_id, f"{t.slide_id}/r{r}q{j:02d}", [(it.user_text(), it.assistant_text())])
                     for j, it in enumerate(items)]

@@ -12,7 +12,8 @@ from data_recipes.synthetic.layout import CLASS_NAMES
 from data_recipes.synthetic.questions import QUESTION_TYPES, join_names
 from data_recipes.synthetic.truth import SlideTruth
 
-__all__ = ["REPORT_TEMPLATES", "TRAIN_WORDINGS", "NUMBER_WORDS", "training_report"]
+__all__ = ["QUADRANT_WORDINGS", "REPORT_TEMPLATES", "TRAIN_WORDINGS", "NUMBER_WORDS", "quadrant_answer",
+           "training_report"]
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
 
@@ -106,6 +107,23 @@ TRAIN_WORDINGS: dict[str, tuple[str, ...]] = {
         "Tell me about this slide.",
     ),
 }
+
+
+# Training only (never scored): what lies in a named quadrant. The reverse of a location question; it
+# makes the model read one slide token by its name.
+QUADRANT_WORDINGS: tuple[str, ...] = (
+    "What is in the {quadrant} of the slide?",
+    "Which tissue lies in the {quadrant} quadrant?",
+    "What does the {quadrant} part of the slide show?",
+    "Name the tissue in the {quadrant} quadrant.",
+    "What tissue type is found in the {quadrant}?",
+)
+
+
+def quadrant_answer(truth: SlideTruth, quadrant: str) -> str:
+    """The classes of the regions in `quadrant` ("no tissue" when it is empty)."""
+    names = sorted({CLASS_NAMES[r.tissue_class] for r in truth.regions if r.quadrant == quadrant})
+    return join_names(names) if names else "no tissue"
 
 
 def _regions(truth: SlideTruth) -> str:

@@ -26,10 +26,15 @@ from data_recipes.synthetic.general_chat import (
     passes,
     rehearsal_targets,
 )
-from data_recipes.synthetic.layout import AMOUNTS, QUADRANTS, RECIPE_CLASSES
+from data_recipes.synthetic.layout import AMOUNTS, CLASS_NAMES, QUADRANTS, RECIPE_CLASSES
 from data_recipes.synthetic.reworded import REWORDED_WORDINGS
 from data_recipes.synthetic.truth import RegionTruth, SlideTruth
-from data_recipes.synthetic.wordings import REPORT_TEMPLATES, TRAIN_WORDINGS, training_report
+from data_recipes.synthetic.wordings import (
+    QUADRANT_WORDINGS,
+    REPORT_TEMPLATES,
+    TRAIN_WORDINGS,
+    training_report,
+)
 
 RECIPES = Path(__file__).resolve().parents[2] / "data_recipes" / "synthetic"
 
@@ -171,3 +176,41 @@ def test_slide_token_labels_name_the_quadrant_each_grid_token_reads():
     centres = torch.tensor([[[(q % 2 + 0.5) * 4000.0, (q // 2 + 0.5) * 3000.0] for q in range(4)]])
     assert grid_cells(centres, size, 2).tolist() == [[0, 1, 2, 3]]
     assert cfg.slide_token_labels == [f" {q}:" for q in QUADRANTS]
+
+
+def test_location_repeats_ask_every_located_class_again_where_there_are_several_regions():
+    truths = _truths(40)
+    base = DefaultModelConfig(instruct_rounds=1, rehearsal_per_round=0)
+    more = DefaultModelConfig(instruct_rounds=1, rehearsal_per_round=0, location_repeats=2)
+
+    def location_answers(cfg: DefaultModelConfig) -> dict[str, int]:
+        counts = dict.fromkeys((t.slide_id for t in truths), 0)
+        for r in training_records(truths, cfg)["instruct"]:
+            turns = r["conversations"]
+            # closed questions only (the open ones are drawn at random), and not the report dialogue's follow-up
+            if "report" not in r["id"] and "\nA) " in turns[0]["value"]:
+                counts[r["slide"]] += turns[1]["value"] in QUADRANTS
+        return counts
+
+    before, after = location_answers(base), location_answers(more)
+    for t in truths:
+        located = sum(t.unique_location(c) is not None for c in t.present)
+        assert after[t.slide_id] - before[t.slide_id] == (2 * located if len(t.regions) > 1 else 0), t
+    assert sum(after.values()) > 1.5 * sum(before.values())
+
+
+def test_quadrant_questions_name_what_lies_in_the_quadrant():
+    truths = _truths(40)
+    cfg = DefaultModelConfig(instruct_rounds=2, rehearsal_per_round=0, quadrant_questions=1)
+    by_id = {t.slide_id: t for t in truths}
+    asked = 0
+    for r in training_records(truths, cfg)["instruct"]:
+        question, answer = r["conversations"][0]["value"].split("\n", 1)[-1], r["conversations"][1]["value"]
+        for w in QUADRANT_WORDINGS:
+            head, tail = w.split("{quadrant}")
+            if question.startswith(head) and question.endswith(tail):
+                quadrant = question[len(head): len(question) - len(tail)]
+                regions = [x for x in by_id[r["slide"]].regions if x.quadrant == quadrant]
+                assert answer == (CLASS_NAMES[regions[0].tissue_class] if regions else "no tissue"), (question, answer)
+                asked += 1
+    assert asked >= 2 * len(truths)  # one a round per slide (and some as the report dialogue's follow-up)
