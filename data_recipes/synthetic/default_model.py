@@ -74,7 +74,7 @@ class DefaultModelConfig:
     connector: dict[str, Any] = field(default_factory=lambda: {
         "type": "scale_invariant", "grid_size": 2, "num_latents": 0, "hidden_dim": 96, "num_heads": 4,
         "num_kv_heads": 2, "num_layers": 2, "position_frame": "slide", "local_grid": True,
-        "grid_self_attention": False, "feature_noise": 0.5})
+        "grid_self_attention": False, "per_token_output": True, "feature_noise": 0.5})
     # The grid tokens in row-major order are the quadrants of the glass; each is rendered after its name
     # (" upper left:" <slide token> ...), so that location can be read from text, not from a token's position.
     # With and without the names (the same schedule) location scored 60.4% on held-out slides; with them,

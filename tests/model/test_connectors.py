@@ -425,3 +425,27 @@ def test_grid_tokens_without_self_attention_hold_only_their_own_cell():
     assert moved[False][[0, 2, 3]].max() < 1e-5
     assert moved[False][1] > 1e-2 and moved[False][4:].min() > 1e-2
     assert moved[True][[0, 2, 3]].min() > 1e-3  # mixed through the query self-attention
+
+
+def test_per_token_output_projects_each_token_with_its_own_matrix():
+    torch.manual_seed(0)
+    config = ScaleInvariantConfig(grid_size=2, num_latents=0, hidden_dim=32, num_heads=4, num_kv_heads=2,
+                                  num_frequencies=8, position_frame="slide", local_grid=True,
+                                  grid_self_attention=False, per_token_output=True)
+    conn = build_connector(config, D_ENC, D_LLM).eval()
+    assert conn.token_out.shape == (4, 32, D_LLM) and not hasattr(conn, "out_proj")
+    size = torch.tensor([[4096.0, 4096.0]])
+    coords = torch.cat([_piece_at(256, 256), _piece_at(3072, 256)], dim=1)
+    feats = torch.randn(1, 18, D_ENC, generator=torch.Generator().manual_seed(3))
+    hidden = {}
+    conn.transformer.norm_out.register_forward_hook(lambda m, a, out: hidden.update(q=out))
+    with torch.no_grad():
+        tokens = conn(feats, coords, None, slide_size_um=size).tokens[0]
+        counts = torch.log1p(torch.tensor([9.0, 9.0, 0.0, 0.0]))[:, None]
+        h = hidden["q"][0] + conn.token_embedding + conn.count_out(counts)
+    for i in range(4):  # token i through matrix i, not through another token's
+        torch.testing.assert_close(tokens[i], h[i] @ conn.token_out[i] + conn.token_out_bias[i])
+        assert not torch.allclose(tokens[i], h[i] @ conn.token_out[(i + 1) % 4] + conn.token_out_bias[(i + 1) % 4])
+    conn.train()
+    conn(feats, coords, None, slide_size_um=size).tokens.sum().backward()
+    assert conn.token_out.grad is not None and conn.token_out.grad.abs().sum(dim=(1, 2)).min() > 0

@@ -61,6 +61,11 @@ class ScaleInvariantConfig(ConnectorConfig):
             each grid token sees only itself there (latents still see every token): with
             `local_grid`, a token then holds its own cell's content and no other cell's, so the LLM
             cannot find a class in the wrong cell's token.
+        per_token_output: each output token has its own projection into the LLM's space (else one is
+            shared). A token's content then lands in a subspace of its own, so the cell and what it
+            holds are bound in the vector itself: a sum over the tokens (attention that does not pick
+            one) still says which cell held what, where with a shared projection it only says which
+            classes and which cells.
     """
 
     type: str = "scale_invariant"
@@ -78,6 +83,7 @@ class ScaleInvariantConfig(ConnectorConfig):
     position_frame: str = "tissue"
     local_grid: bool = False
     grid_self_attention: bool = True
+    per_token_output: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,7 +131,12 @@ class ScaleInvariantConnector(Connector):
         # mixes the cell identity into the content, and the LLM's own positions cannot name a slide
         # token when the text after it varies in length. At LayerNorm scale, so it is read from the start.
         self.token_embedding = nn.Parameter(torch.randn(config.num_tokens, d))
-        self.out_proj = nn.Linear(d, llm_dim)
+        if config.per_token_output:  # nn.Linear's initialisation, one matrix per token
+            bound = d**-0.5
+            self.token_out = nn.Parameter(torch.empty(config.num_tokens, d, llm_dim).uniform_(-bound, bound))
+            self.token_out_bias = nn.Parameter(torch.empty(config.num_tokens, llm_dim).uniform_(-bound, bound))
+        else:
+            self.out_proj = nn.Linear(d, llm_dim)
 
     def forward(self, tile_features: Tensor, tile_coords_um: Tensor | None, tile_mask: Tensor | None,
                 tile_scale: Tensor | None = None, slide_size_um: Tensor | None = None) -> ConnectorOutput:
@@ -135,7 +146,7 @@ class ScaleInvariantConnector(Connector):
             raise ValueError(f"tile_scale values must be in [0, {self.config.num_scales})")
         b = tile_features.shape[0]
         g = self.config.grid_size
-        content = self.tile_proj(tile_features.to(self.out_proj.weight.dtype))  # [b, n, d]
+        content = self.tile_proj(tile_features.to(self.token_embedding.dtype))  # [b, n, d]
         rel_um, extent_um = frame_coords_um(tile_coords_um, tile_mask, self.config.position_frame, slide_size_um)
         memory = content + self.positions(rel_um, tile_scale)  # positions include the scale embedding
 
@@ -161,6 +172,10 @@ class ScaleInvariantConnector(Connector):
             self_mask = torch.ones(k, k, dtype=torch.bool, device=queries.device)
             self_mask[: g * g] = torch.eye(g * g, k, dtype=torch.bool, device=queries.device)
         queries, token_relevance = self.transformer(queries, memory, cross_mask, gate, self_mask)
-        tokens = self.out_proj(queries + self.token_embedding + self.count_out(token_counts))
+        hidden = queries + self.token_embedding + self.count_out(token_counts)
+        if self.config.per_token_output:
+            tokens = torch.einsum("bkd,kde->bke", hidden, self.token_out) + self.token_out_bias
+        else:
+            tokens = self.out_proj(hidden)
         relevance = normalise_relevance(token_relevance.mean(dim=1), tile_mask)
         return ConnectorOutput(tokens=tokens, relevance=relevance, token_relevance=token_relevance)
