@@ -65,6 +65,7 @@ __all__ = [
     "generate_batch",
     "generate_batch_ids",
     "max_context",
+    "prime_prefix",
     "suppressed_ids",
 ]
 
@@ -292,6 +293,33 @@ def prefix_cache_for(model: torch.nn.Module) -> PrefixCache:
         if cache is None:
             cache = _PREFIX_CACHES[model] = PrefixCache()
         return cache
+
+
+@torch.no_grad()
+def prime_prefix(model: PathChatForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                 system_prompt: str | None = None) -> int:
+    """Put the text before the slide of a first question into the model's `PrefixCache` now (at load
+    time), so that the first session prefills no more than the later ones.
+
+    Returns:
+        Its length in tokens (0 for a model without slide tokens: nothing to share).
+    """
+    k = int(model.config.num_slide_tokens or 0)
+    placeholder = model.config.slide_placeholder_id
+    if not k or placeholder is None:
+        return 0
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    ids = render_conversation([*messages, {"role": "user", "content": f"{SLIDE_TOKEN}\n"}], tokenizer, k,
+                              add_generation_prompt=True,
+                              slide_token_labels=model.config.slide_token_labels).input_ids
+    prefix = ids[: ids.index(placeholder)]
+    if not prefix:
+        return 0
+    cache = _new_cache(model)
+    device = next(model.parameters()).device
+    model(input_ids=torch.tensor([prefix], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    prefix_cache_for(model).put(model, prefix, cache)
+    return len(prefix)
 
 
 class ChatSession:

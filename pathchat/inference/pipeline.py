@@ -30,7 +30,7 @@ import torch
 
 from pathchat.features.store import FeatureBag, features_path, read_feature_attrs, read_features_h5
 from pathchat.inference.builtin import resolve_checkpoint
-from pathchat.inference.engine import ChatSession, SamplingParams, generate_batch_ids
+from pathchat.inference.engine import ChatSession, SamplingParams, generate_batch_ids, prime_prefix
 from pathchat.inference.notices import (
     INSUFFICIENT_RESOLUTION_ANSWER,
     NO_TILES_IN_REGION_ANSWER,
@@ -289,6 +289,7 @@ class Pipeline:
         recipe = _recipe_for(folder, recipe_of_model(net.config), encoder, magnification, tile_size,
                              getattr(net.config, "feature_dim", None))
         job = Path(feature_job) if feature_job is not None else cache_dir("features")
+        prime_prefix(net, tokenizer, system_prompt)  # the first session starts as fast as the later ones
         return cls(model=net, tokenizer=tokenizer, checkpoint=folder, recipe=recipe, feature_job=job,
                    device=device, max_tiles=max_tiles, max_new_tokens=max_new_tokens, system_prompt=system_prompt)
 

@@ -14,6 +14,7 @@ from pathchat.inference.engine import (
     end_of_turn_ids,
     generate_batch,
     generate_batch_ids,
+    prime_prefix,
     suppressed_ids,
 )
 from pathchat.inference.relevance import answer_relevance
@@ -142,6 +143,18 @@ def test_shared_prefix_matches_full_recompute_and_follows_the_weights():
     changed.ask("Is there necrosis?", max_new_tokens=2)
     assert changed.shared_prefix_tokens == 0 and changed.prefill_lengths[0] == len(prompt)
     assert (changed.last_logits[0] - _full_logits(model, changed, prompt)).abs().max().item() < 1e-4
+
+
+def test_primed_prefix_serves_the_first_session():
+    model, tokenizer = build_tiny("qwen2")
+    n = prime_prefix(model, tokenizer, "Answer briefly.")
+    features, coords = _slide(9, 5)
+    first = ChatSession(model, tokenizer, features, coords, system_prompt="Answer briefly.")
+    alone = ChatSession(model, tokenizer, features, coords, system_prompt="Answer briefly.", share_prefix=False)
+    assert first.ask("Is there necrosis?", max_new_tokens=6) == alone.ask("Is there necrosis?", max_new_tokens=6)
+    prompt = first.render(first.messages[:2])
+    assert first.shared_prefix_tokens == n == prompt.index(model.config.slide_placeholder_id) > 10
+    assert first.prefill_lengths[0] == len(prompt) - n and first.answer_ids == alone.answer_ids
 
 
 def test_prefix_cache_keeps_the_most_recent_prefixes_as_private_copies():

@@ -92,3 +92,20 @@ def test_shipped_model_answers_heldout_slides(shipped, tmp_path_factory):
     print(f"held-out {own:.3f}, shuffled features {shuffled:.3f}")
     assert own >= OWN_FLOOR, (own, shuffled)
     assert own - shuffled >= MARGIN, (own, shuffled)
+
+
+def test_recipe_defaults_are_what_made_the_shipped_model(shipped):
+    """`make default-model` must rebuild the shipped model: every recipe default equals the shipped config
+    (options added since it was made must be off)."""
+    import dataclasses
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from data_recipes.synthetic.default_model import DefaultModelConfig
+
+    made_with = json.loads((shipped / "scores.json").read_text())["config"]
+    for name, value in json.loads(json.dumps(dataclasses.asdict(DefaultModelConfig()))).items():
+        if name in made_with:
+            assert made_with[name] == value, name
+        else:
+            assert not value, f"{name}={value!r} is on, but the shipped model was made without it"
