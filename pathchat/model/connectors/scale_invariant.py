@@ -60,12 +60,13 @@ class ScaleInvariantConfig(ConnectorConfig):
         grid_self_attention: grid tokens attend to one another in the query self-attention. Off,
             each grid token sees only itself there (latents still see every token): with
             `local_grid`, a token then holds its own cell's content and no other cell's, so the LLM
-            cannot find a class in the wrong cell's token.
+            cannot find a class in the wrong cell's token. (On the built-in recipe it did not raise
+            location accuracy: data_recipes/synthetic/README.md.)
         per_token_output: each output token has its own projection into the LLM's space (else one is
             shared). A token's content then lands in a subspace of its own, so the cell and what it
             holds are bound in the vector itself: a sum over the tokens (attention that does not pick
             one) still says which cell held what, where with a shared projection it only says which
-            classes and which cells.
+            classes and which cells. (Measured there too: location 64.6% against 60.4%, one run each.)
     """
 
     type: str = "scale_invariant"
