@@ -73,8 +73,9 @@ def base_answer(lm: Any, ids: dict[str, torch.Tensor], new_tokens: int) -> dict[
         t = time.perf_counter()
         lm.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         tn = time.perf_counter() - t
+    prompt = int(ids["input_ids"].shape[1])
     return {"ttft_s": t1, "tokens_per_s": (new_tokens - 1) / max(tn - t1, 1e-9), "new_tokens": new_tokens,
-            "prompt_tokens": int(ids["input_ids"].shape[1])}
+            "prompt_tokens": prompt, "prefilled_tokens": prompt}
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"ttft_s": statistics.median(r["ttft_s"] for r in runs),
             "tokens_per_s": statistics.median(rates) if rates else 0.0,
             "new_tokens": runs[-1]["new_tokens"], "prompt_tokens": runs[-1]["prompt_tokens"],
-            "prefilled_tokens": runs[-1].get("prefilled_tokens", runs[-1]["prompt_tokens"]), "repeats": len(runs)}
+            "prefilled_tokens": runs[-1]["prefilled_tokens"], "repeats": len(runs)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -282,6 +282,12 @@ class PrefixCache:
                 self._entries.popitem(last=False)
 
 
+def shareable_prefix(ids: Sequence[int], placeholder: int | None) -> list[int]:
+    """The ids before the first slide placeholder: the same for every slide ([] without one)."""
+    ids = list(ids)
+    return ids[: ids.index(placeholder)] if placeholder is not None and placeholder in ids else []
+
+
 _PREFIX_CACHES: weakref.WeakKeyDictionary[torch.nn.Module, PrefixCache] = weakref.WeakKeyDictionary()
 _PREFIX_CACHES_LOCK = threading.Lock()
 
@@ -312,7 +318,7 @@ def prime_prefix(model: PathChatForConditionalGeneration, tokenizer: PreTrainedT
     ids = render_conversation([*messages, {"role": "user", "content": f"{SLIDE_TOKEN}\n"}], tokenizer, k,
                               add_generation_prompt=True,
                               slide_token_labels=model.config.slide_token_labels).input_ids
-    prefix = ids[: ids.index(placeholder)]
+    prefix = shareable_prefix(ids, placeholder)
     if not prefix:
         return 0
     cache = _new_cache(model)
@@ -435,9 +441,8 @@ class ChatSession:
         kwargs: dict[str, Any] = {}
         prefix: list[int] = []
         if self.cache is None:
-            # The text before the first slide token is the same for every slide.
-            if self.share_prefix and placeholder is not None and placeholder in target:
-                prefix = target[: target.index(placeholder)]
+            if self.share_prefix:
+                prefix = shareable_prefix(target, placeholder)
             shared = prefix_cache_for(self.model).get(self.model, prefix) if prefix else None
             if shared is not None:
                 self.cache, self.cached_ids, self.shared_prefix_tokens = shared, list(prefix), len(prefix)
