@@ -1,7 +1,8 @@
 """The built-in model's recipe: SmolLM2-135M-Instruct + connector + LoRA, trained on the synthetic slides.
 
 `make default-model` runs it: dataset -> records in many wordings -> stage 1 (connector only, LLM
-frozen) -> stage 2 (connector + LoRA) -> held-out scores -> one JSON line. `--ship` then copies the
+frozen) -> stage 2 (connector + LoRA) -> [stage 3: location on fresh slides, `location_slides`, off by
+default] -> held-out scores -> one JSON line. `--ship` then copies the
 connector, the adapter, the tokenizer and the scores into `pathchat/assets/default_model/` with a
 sha256 manifest (`pathchat.model.builtin`).
 
@@ -105,6 +106,16 @@ class DefaultModelConfig:
     location_repeats: int = 0
     quadrant_questions: int = 0  # "what is in the <quadrant>?" a round per slide (training only, `QUADRANT_WORDINGS`)
     pack_max_records: int = 8
+    # Stage 3, location on slides stage 2 never saw (0: no stage 3). On the 300 training slides, 12 more rounds
+    # of location questions were memorised, not learned (their loss 0.47 -> 0.15, held-out location 64.6%);
+    # a slide seen once can only be answered by the rule. Slides with one region are left out (location is
+    # always right there); each fresh slide gets every location question, `location_others` questions of
+    # the other types (so stage 3 keeps them) and rehearsal as in stage 2. Off: location only on 1,200 fresh
+    # slides gave 66.7% but lost every other type; with 2,400 and the other questions location fell to 29.2%
+    # (lr 2e-3, closed 72.7%) and 56.2% (lr 3e-4, two others a slide, closed 86.0%): data_recipes/synthetic/README.md.
+    location_slides: int = 0
+    location_others: int = 1
+    location_lr: float = 2e-3
     rehearsal_per_round: int = 160  # general prompts (base SmolLM2's answers) attached to training slides a round
     # (each of the 80 twice: with 30 once a round, 1.6% of the records, the tuned model answered "pale tissue"
     # to "What color is the sky on a clear day?" and passed 7 general prompts of 20 against base 15)
@@ -204,6 +215,31 @@ def training_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
     return {"align": align, "instruct": instruct}
 
 
+def location_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
+                     rehearsal: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Stage-3 records: location on fresh slides with several regions, a few other questions, rehearsal."""
+    rng = np.random.default_rng([cfg.seed, 19])
+    balancer = LetterBalancer(np.random.default_rng([cfg.seed, 20]))
+    records: list[dict[str, Any]] = []
+    kept = [t for t in truths if len(t.regions) > 1]
+    for t in kept:
+        items = slide_questions(t, rng, balancer, max_per_type=len(QUADRANTS), only=("location",),
+                                wordings=TRAIN_WORDINGS)
+        others = [it for it in slide_questions(t, rng, balancer, max_per_type=cfg.max_per_type,
+                                               open_questions=cfg.open_questions, wordings=TRAIN_WORDINGS)
+                  if not it.category.startswith("location")]
+        items += [others[i] for i in rng.permutation(len(others))[: cfg.location_others]]
+        items = [items[i] for i in rng.permutation(len(items))]
+        records += [conversation(t.slide_id, f"{t.slide_id}/loc{j:02d}", [(it.user_text(), it.assistant_text())])
+                    for j, it in enumerate(items)]
+    prompts = sorted(rehearsal or {})
+    for j in range(cfg.rehearsal_per_round if prompts and kept else 0):
+        t = kept[int(rng.integers(len(kept)))]
+        p = prompts[j % len(prompts)]
+        records.append(conversation(t.slide_id, f"{t.slide_id}/locchat{j:02d}", [(p, rehearsal[p])]))  # type: ignore[index]
+    return records
+
+
 def reworded_questions(truths: list[SlideTruth], seed: int) -> list[dict[str, Any]]:
     """Closed evaluation rows (CONTRACTS.md schema) of the held-out slides in the held-out wordings."""
     from data_recipes.synthetic.reworded import REWORDED_WORDINGS
@@ -276,7 +312,7 @@ def score_reports(reports: dict[str, str], truths: dict[str, SlideTruth]) -> dic
 
 
 def _stage(stage: str, out: Path, records: Path, features: Path, cfg: DefaultModelConfig,
-           init_from: Path | None = None, progress: bool = False) -> Any:
+           init_from: Path | None = None, progress: bool = False, learning_rate: float | None = None) -> Any:
     from pathchat.training.config import DataConfig, LoraConfigSpec, ModelConfig, StageConfig, TrainingConfig
 
     align = stage == "align"
@@ -293,7 +329,7 @@ def _stage(stage: str, out: Path, records: Path, features: Path, cfg: DefaultMod
                             target_modules=cfg.lora_targets),
         training=TrainingConfig(
             epochs=cfg.align_epochs if align else cfg.instruct_epochs,
-            learning_rate=cfg.align_lr if align else cfg.instruct_lr,
+            learning_rate=learning_rate or (cfg.align_lr if align else cfg.instruct_lr),
             batch_size=cfg.align_batch_size if align else cfg.instruct_batch_size,
             warmup_ratio=0.05, weight_decay=0.0, seed=cfg.seed,
             precision=cpu_precision() if cfg.precision == "auto" else cfg.precision,  # type: ignore[arg-type]
@@ -392,9 +428,34 @@ def _general_chat(model: Any, tokenizer: Any, features: Path, slide: str, system
             "n": len(rows), "rows": rows}
 
 
+def _slide_index(slide_id: str) -> int:
+    return int(slide_id.rsplit("-", 1)[1])
+
+
+def _location_stage(out: Path, cfg: DefaultModelConfig, rehearsal: dict[str, str], progress: bool) -> dict[str, Any]:
+    """Stage 3 (`location_slides`): a larger build of the same dataset (slide i is the same slide in both),
+    whose training slides past the first `train_slides` stage 1 and 2 never saw."""
+    from pathchat.training.run import train_stage
+
+    if (out / "location" / "config.json").is_file():
+        return {}
+    data = out / "data_location"
+    build_dataset(data, BuildConfig(train=cfg.train_slides + cfg.location_slides, heldout=cfg.heldout_slides,
+                                    seed=cfg.seed), progress=progress, probe=False)
+    fresh = [t for t in _truths(data / "instruct.jsonl") if _slide_index(t.slide_id) >= cfg.train_slides]
+    records = out / "records" / "location.jsonl"
+    rows = location_records(fresh, cfg, rehearsal)
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = train_stage(_stage("instruct", out / "location", records, data / "features", cfg, out / "instruct", progress,
+                             learning_rate=cfg.location_lr))
+    return {"steps": res.global_step, "first_loss": res.losses[0] if res.losses else None,
+            "final_loss": res.losses[-1] if res.losses else None, "samples": res.num_samples,
+            "answers": res.num_answers, "slides": len({r["slide"] for r in rows})}
+
+
 def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | None = None,
                       progress: bool = True) -> dict[str, Any]:
-    """Build the dataset, write the records, train both stages, score; returns the summary.
+    """Build the dataset, write the records, train the stages, score; returns the summary.
 
     Finished steps in `out` are reused (dataset, records, rehearsal answers, a stage's checkpoint),
     so an interrupted run goes on where it stopped.
@@ -445,6 +506,12 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
         times[f"{stage}_s"] = time.perf_counter() - t
     model_dir = out / "instruct"
     set_default_system_prompt(model_dir, cfg.system_prompt)
+    if cfg.location_slides:
+        t = time.perf_counter()
+        results["location"] = _location_stage(out, cfg, rehearsal, progress)
+        model_dir = out / "location"
+        set_default_system_prompt(model_dir, cfg.system_prompt)
+        times["location_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     scores: dict[str, Any] = {"heldout": _closed_eval(model_dir, records / "heldout_closed.jsonl", features,
@@ -478,6 +545,7 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "config": dataclasses.asdict(cfg),
         "out": str(out),
+        "model_dir": str(model_dir),
     }
     (out / "scores.json").write_text(json.dumps({**summary, "details": scores}, indent=1) + "\n")
     return summary
@@ -506,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship:
         from pathchat.model.builtin import ship_model
 
-        ship_model(Path(args.out) / "instruct", Path(args.out) / "scores.json")
+        ship_model(Path(summary["model_dir"]), Path(args.out) / "scores.json")
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return 0
 

@@ -118,6 +118,10 @@ def find_lora_targets(language_model: nn.Module) -> list[str]:
         if not isinstance(module, linear_types) or id(module) in excluded:
             continue
         parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue  # an adapter's own matrices (a model that already carries one)
+        if parts[-1] == "base_layer":
+            parts = parts[:-1]  # the projection an adapter wraps is named by its wrapper
         if not any(_INDEX.match(p) for p in parts[:-1]):
             continue  # not inside a repeated transformer block
         if any("embed" in p or p in {"lm_head", "connector"} for p in parts):

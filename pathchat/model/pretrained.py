@@ -175,13 +175,14 @@ def _base_source(folder: Path) -> str:
 def load_pathchat(
     folder: str | os.PathLike[str], device: torch.device | str | None = None,
     attn_implementation: str | None = None, dtype: torch.dtype | None = None, verify: bool = True,
-    merge_adapter: bool = False,
+    merge_adapter: bool = False, adapter_trainable: bool = False,
 ) -> tuple[PathChatForConditionalGeneration, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) from any PathChat checkpoint folder.
 
     ``merge_adapter`` folds a LoRA adapter into the base weights (`merge_lora`) for inference: the
     peft wrappers add two small matrix products per adapted layer to every decoded token (the
-    built-in model decoded 0.73x as fast as base SmolLM2 unmerged). Keep it off to go on training.
+    built-in model decoded 0.73x as fast as base SmolLM2 unmerged). Keep it off to go on training;
+    ``adapter_trainable`` then loads the adapter as peft does to resume training (`load_lora`).
 
     Raises:
         ManifestError: a file differs from the folder's manifest (with ``verify``).
@@ -226,7 +227,7 @@ def load_pathchat(
         if kind == "lora":
             from pathchat.model.lora import load_lora
 
-            load_lora(model, folder, verify=False)
+            load_lora(model, folder, verify=False, is_trainable=adapter_trainable)
             if merge_adapter:
                 from pathchat.model.lora import merge_lora
 

@@ -40,7 +40,8 @@ class ModelConfig:
         tiny: config fields of a ``tiny:`` language model (hidden_size, num_hidden_layers, …).
         connector: the connector's config: ``type`` (scale_invariant, mlp, pool, resampler) and its fields.
         feature_dim: tile feature size (null: read from the first feature file).
-        init_from: instruct: the stage-1 checkpoint whose connector is loaded.
+        init_from: instruct: the stage-1 checkpoint whose connector is loaded; or a LoRA checkpoint
+            (a finished stage 2; ``builtin``: the built-in model) whose adapter and connector go on training.
         attn_implementation: null: flash-attention 2 when possible, else sdpa.
         seed: initialisation seed of the connector (and of tiny language models).
         slide_token_labels: text before each slide token, one per token (null: none), e.g. the grid

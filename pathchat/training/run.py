@@ -61,10 +61,17 @@ def _first_feature_dim(features: str) -> int:
 
 
 def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneration, PreTrainedTokenizerBase]:
-    """The model a stage starts from: stage 1's checkpoint (instruct) or a fresh connector on the LLM."""
+    """The model a stage starts from: a fresh connector on the LLM, or (instruct) stage 1's checkpoint, or a
+    LoRA checkpoint whose adapter goes on training."""
     m = cfg.model
     if cfg.stage == "instruct" and m.init_from:
-        model, tokenizer = load_pathchat(m.init_from, attn_implementation=m.attn_implementation)
+        init_from = init_from_folder(m.init_from)
+        # A LoRA checkpoint (a finished stage 2, the built-in model) goes on training its own adapter
+        # with LoRA on; a full fine-tune starts from its merged weights.
+        lora_init = checkpoint_kind(init_from) == "lora"
+        model, tokenizer = load_pathchat(init_from, attn_implementation=m.attn_implementation,
+                                         merge_adapter=lora_init and not cfg.lora.enabled,
+                                         adapter_trainable=lora_init and cfg.lora.enabled)
         base = getattr(model.config, "base_language_model", None)
         if base and base != m.language_model:
             raise ValueError(f"model.init_from {m.init_from} was trained on {base!r} but model.language_model "
@@ -73,7 +80,10 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
         if (labels or None) != (m.slide_token_labels or None):
             raise ValueError(f"model.init_from {m.init_from} names its slide tokens {labels!r} but "
                              f"model.slide_token_labels is {m.slide_token_labels!r}; they must match")
-        logger.info("loaded stage-1 connector from %s (%s checkpoint)", m.init_from, checkpoint_kind(m.init_from))
+        if lora_init and cfg.lora.enabled:
+            _check_adapter_settings(model, cfg)
+        logger.info("loaded %s from %s (%s checkpoint)", "its adapter and connector" if lora_init else "stage-1 connector",
+                    init_from, checkpoint_kind(init_from))
         model.train()
         return model, tokenizer
     if cfg.stage == "instruct":
@@ -87,6 +97,45 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
     model.config.base_language_model = m.language_model
     model.train()
     return model, tokenizer
+
+
+def init_from_folder(init_from: str) -> Path:
+    """`model.init_from` as a folder; "builtin" is the shipped built-in model, so a LoRA fine-tune of it
+    needs no path into the installed package."""
+    from pathchat.inference.builtin import BUILTIN_NAME
+    from pathchat.model.builtin import builtin_model_dir
+
+    if init_from != BUILTIN_NAME:
+        return Path(init_from)
+    folder = builtin_model_dir()
+    if folder is None:
+        raise FileNotFoundError("model.init_from builtin: the built-in model is not installed "
+                                "(pathchat/assets/default_model/ is missing or incomplete; make default-model SHIP=1)")
+    return folder
+
+
+def _has_adapter(model: PathChatForConditionalGeneration) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model.language_model, PeftModel)
+
+
+def _check_adapter_settings(model: PathChatForConditionalGeneration, cfg: StageConfig) -> None:
+    """The adapter a stage continues must be the one its `lora` settings describe: a silently kept
+    rank or target list would make the config lie about what was trained."""
+    from peft import LoraConfig
+
+    from pathchat.model.lora import find_lora_targets
+
+    peft_config = model.language_model.peft_config["default"]  # type: ignore[union-attr]
+    assert isinstance(peft_config, LoraConfig)
+    want = cfg.lora.settings()
+    targets = set(want.target_modules or find_lora_targets(model.language_model))
+    have = {"r": peft_config.r, "alpha": peft_config.lora_alpha, "target_modules": sorted(peft_config.target_modules or ())}
+    asked = {"r": want.r, "alpha": want.alpha, "target_modules": sorted(targets)}
+    if have != asked:
+        raise ValueError(f"model.init_from {cfg.model.init_from} holds a LoRA adapter with {have}, but the lora "
+                         f"settings ask for {asked}; set lora to match to go on training it")
 
 
 class RunAlreadyCompleteError(RuntimeError):
@@ -173,7 +222,7 @@ def _check_stage_inputs(cfg: StageConfig) -> None:
         raise ValueError("data.features names no features folder")
     check_out_folder(cfg.output_dir, "output_dir")
     if cfg.model.init_from:  # a damaged stage-1 checkpoint is named now, not after the data are loaded
-        checkpoint_kind(cfg.model.init_from)
+        checkpoint_kind(init_from_folder(cfg.model.init_from))
     if cfg.training.deepspeed:
         if not Path(cfg.training.deepspeed).is_file():
             raise FileNotFoundError(f"DeepSpeed config not found: {cfg.training.deepspeed}")
@@ -305,7 +354,7 @@ def train_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> 
     set_seed(t.seed)
 
     model, tokenizer = build_stage_model(cfg)
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and not _has_adapter(model):
         from pathchat.model.lora import apply_lora
 
         apply_lora(model, cfg.lora.settings())

@@ -12,6 +12,7 @@ import pytest
 
 from data_recipes.synthetic.default_model import (
     DefaultModelConfig,
+    location_records,
     parse_report,
     reworded_questions,
     score_reports,
@@ -214,3 +215,32 @@ def test_quadrant_questions_name_what_lies_in_the_quadrant():
                 assert answer == (CLASS_NAMES[regions[0].tissue_class] if regions else "no tissue"), (question, answer)
                 asked += 1
     assert asked >= 2 * len(truths)  # one a round per slide (and some as the report dialogue's follow-up)
+
+
+def test_location_records_ask_every_located_class_of_slides_with_several_regions():
+    """Stage 3: slides with one region are left out; every class in exactly one region is asked once
+    (closed, the quadrant as answer), plus `location_others` questions of other types; rehearsal as asked."""
+    truths = _truths(60)
+    rehearsal = {f"general prompt {i}?": f"answer {i}." for i in range(5)}
+    cfg = DefaultModelConfig(location_others=2, rehearsal_per_round=7)
+    rows = location_records(truths, cfg, rehearsal)
+    assert rows == location_records(truths, cfg, rehearsal)  # deterministic in the seed
+    by_id = {t.slide_id: t for t in truths}
+    several = {t.slide_id for t in truths if len(t.regions) > 1}
+    assert {r["slide"] for r in rows} == several and len(several) < len(truths)
+    def user(r):
+        return r["conversations"][0]["value"].removeprefix("<slide>\n")
+
+    chats = [r for r in rows if user(r) in rehearsal]
+    assert len(chats) == 7 and all(r["conversations"][1]["value"] == rehearsal[user(r)] for r in chats)
+    for sid in several:
+        t = by_id[sid]
+        asked = [r["conversations"] for r in rows if r["slide"] == sid and r not in chats]
+        located = {CLASS_NAMES[c]: t.unique_location(c) for c in t.present if t.unique_location(c)}
+        where = [(turns[0]["value"].removeprefix("<slide>\n"), turns[1]["value"]) for turns in asked
+                 if turns[1]["value"] in QUADRANTS]
+        assert len(where) == len(located), sid
+        for question, answer in where:
+            named = [n for n in located if n in question.split("\n")[0]]
+            assert len(named) == 1 and located[named[0]] == answer, (question, answer)
+        assert len(asked) - len(where) == 2, sid

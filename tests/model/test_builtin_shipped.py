@@ -104,8 +104,34 @@ def test_recipe_defaults_are_what_made_the_shipped_model(shipped):
     from data_recipes.synthetic.default_model import DefaultModelConfig
 
     made_with = json.loads((shipped / "scores.json").read_text())["config"]
-    for name, value in json.loads(json.dumps(dataclasses.asdict(DefaultModelConfig()))).items():
+    defaults = json.loads(json.dumps(dataclasses.asdict(DefaultModelConfig())))
+    settings_of = {"location_others": "location_slides", "location_lr": "location_slides"}  # of a stage that is off
+    for name, value in defaults.items():
         if name in made_with:
             assert made_with[name] == value, name
+        elif name in settings_of and not defaults[settings_of[name]]:
+            assert settings_of[name] not in made_with, name
         else:
             assert not value, f"{name}={value!r} is on, but the shipped model was made without it"
+
+
+def test_finetune_config_goes_on_training_the_shipped_model(shipped):
+    """train/finetune_builtin.yaml (`model.init_from: builtin`) starts from the shipped adapter and
+    connector, exactly, with its LoRA trainable: its lora and label settings are the shipped model's."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from pathchat.training.config import load_stage_config
+    from pathchat.training.run import build_stage_model
+
+    cfg = load_stage_config(ROOT / "train" / "finetune_builtin.yaml")
+    assert cfg.model.slide_token_labels == json.loads((shipped / "config.json").read_text())["slide_token_labels"]
+    model, _ = build_stage_model(cfg)
+    assert isinstance(model.language_model, PeftModel) and model.training
+    saved = load_file(str(shipped / "adapter_model.safetensors"))
+    adapter = {n.removeprefix("language_model.").replace(".default.", "."): p
+               for n, p in model.named_parameters() if "lora_" in n}
+    assert adapter.keys() == saved.keys()
+    assert all(torch.equal(adapter[k].detach(), saved[k]) and adapter[k].requires_grad for k in saved)
+    connector = load_file(str(shipped / "connector.safetensors"))
+    assert all(torch.equal(model.connector.state_dict()[k], v) for k, v in connector.items())

@@ -185,3 +185,50 @@ def test_slide_token_labels_reach_the_model_and_must_match_stage_1(toy, tmp_path
     other = _cfg(toy, "instruct", tmp_path / "i", **{"model.init_from": str(tmp_path / "a")})
     with pytest.raises(ValueError, match="names its slide tokens .* but model.slide_token_labels is None"):
         build_stage_model(other)
+
+
+@pytest.mark.slow
+def test_instruct_from_a_lora_checkpoint_goes_on_training_its_adapter(toy, tmp_path):
+    """A finished LoRA stage (the built-in model is one) as `init_from`: its own adapter goes on
+    training, not a fresh one beside it; the lora settings must describe it; with LoRA off a full
+    fine-tune starts from its merged weights."""
+    from peft import PeftModel
+    from tiny_models import text_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pathchat.model.tokenizers import build_test_tokenizer
+
+    base = tmp_path / "base"  # a hub-style folder, so the final checkpoint is an adapter, not a full model
+    tokenizer = build_test_tokenizer("llama3")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**text_config("llama", len(tokenizer)))).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    lora = {"model.language_model": str(base), "lora.enabled": True, "lora.r": 4, "lora.alpha": 8}
+    first = train_stage(_cfg(toy, "instruct", tmp_path / "first", **lora))
+    assert first.global_step == 6
+    assert checkpoint_kind(tmp_path / "first") == "lora"
+    saved = load_file(str(tmp_path / "first" / "adapter_model.safetensors"))
+    saved_b = sum(float(v.abs().sum()) for k, v in saved.items() if "lora_B" in k)
+    assert saved_b > 0  # trained: a fresh adapter's B matrices are zero
+
+    go_on = {**lora, "model.init_from": str(tmp_path / "first")}
+    start, _ = build_stage_model(_cfg(toy, "instruct", tmp_path / "second", **go_on))
+    assert isinstance(start.language_model, PeftModel)
+    adapter = {n.removeprefix("language_model.").replace(".default.", "."): p
+               for n, p in start.named_parameters() if "lora_" in n}
+    assert adapter.keys() == saved.keys()
+    assert all(torch.equal(adapter[k].detach(), saved[k]) for k in saved)  # the saved adapter, not a new one
+    assert all(p.requires_grad for p in adapter.values())
+    connector = load_file(str(tmp_path / "first" / "connector.safetensors"))
+    assert all(torch.equal(start.connector.state_dict()[k], v) for k, v in connector.items())
+
+    train_stage(_cfg(toy, "instruct", tmp_path / "second", **go_on))
+    again = load_file(str(tmp_path / "second" / "adapter_model.safetensors"))
+    assert again.keys() == saved.keys()
+    assert any(not torch.equal(again[k], saved[k]) for k in saved)
+
+    with pytest.raises(ValueError, match=r"holds a LoRA adapter with \{'r': 4, 'alpha': 8"):
+        build_stage_model(_cfg(toy, "instruct", tmp_path / "third", **{**go_on, "lora.r": 8}))
+    full, _ = build_stage_model(_cfg(toy, "instruct", tmp_path / "full", **{**go_on, "lora.enabled": False}))
+    assert not isinstance(full.language_model, PeftModel)
+    assert not any("lora_" in n for n, _ in full.named_modules())
