@@ -115,6 +115,7 @@ def test_recipe_defaults_are_what_made_the_shipped_model(shipped):
             assert not value, f"{name}={value!r} is on, but the shipped model was made without it"
 
 
+@pytest.mark.slow
 def test_finetune_config_goes_on_training_the_shipped_model(shipped):
     """train/finetune_builtin.yaml (`model.init_from: builtin`) starts from the shipped adapter and
     connector, exactly, with its LoRA trainable: its lora and label settings are the shipped model's."""
