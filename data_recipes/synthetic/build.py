@@ -81,6 +81,11 @@ def slide_id(split: str, index: int) -> str:
     return f"synth-{split}-{index:04d}"
 
 
+def slide_index(sid: str) -> int:
+    """The index `slide_id` was made from: it seeds the slide, so slide i is the same in every build."""
+    return int(sid.rsplit("-", 1)[1])
+
+
 def draw_layouts(cfg: BuildConfig) -> dict[str, list[SlideLayout]]:
     """Every slide's layout, from `np.random.default_rng([seed, split, index])`: independent of order."""
     textures = tuple(cfg.seed * 64 + j for j in range(cfg.texture_variants))
@@ -173,7 +178,7 @@ def build_records(truths: dict[str, list[SlideTruth]], seed: int) -> dict[str, l
         balancer = LetterBalancer(np.random.default_rng([seed, s, 1_000_003]))
         for truth in truths[split]:
             # seeded by the slide's own index (its id's suffix), not by its position among kept slides
-            rng = np.random.default_rng([seed, s, int(truth.slide_id.rsplit("-", 1)[1]), 7])
+            rng = np.random.default_rng([seed, s, slide_index(truth.slide_id), 7])
             variant = int(rng.integers(REPORT_VARIANTS))
             report = QAItem("report", QUESTION_TYPES["report"].wordings[variant], None, None,
                             slide_report(truth, variant))

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from data_recipes.synthetic.build import BuildConfig, build_dataset, hard_types
+from data_recipes.synthetic.build import BuildConfig, build_dataset, hard_types, slide_index
 from data_recipes.synthetic.general_chat import GENERAL_EVAL, REHEARSAL_PROMPTS, passes, rehearsal_targets
 from data_recipes.synthetic.layout import AMOUNTS, CLASS_NAMES, QUADRANTS, RECIPE_CLASSES
 from data_recipes.synthetic.questions import (
@@ -428,8 +428,11 @@ def _general_chat(model: Any, tokenizer: Any, features: Path, slide: str, system
             "n": len(rows), "rows": rows}
 
 
-def _slide_index(slide_id: str) -> int:
-    return int(slide_id.rsplit("-", 1)[1])
+def _train_summary(res: Any) -> dict[str, Any]:
+    """What the JSON line keeps of a stage's `train_stage` result."""
+    return {"steps": res.global_step, "first_loss": res.losses[0] if res.losses else None,
+            "final_loss": res.losses[-1] if res.losses else None, "samples": res.num_samples,
+            "answers": res.num_answers}
 
 
 def _location_stage(out: Path, cfg: DefaultModelConfig, rehearsal: dict[str, str], progress: bool) -> dict[str, Any]:
@@ -442,15 +445,13 @@ def _location_stage(out: Path, cfg: DefaultModelConfig, rehearsal: dict[str, str
     data = out / "data_location"
     build_dataset(data, BuildConfig(train=cfg.train_slides + cfg.location_slides, heldout=cfg.heldout_slides,
                                     seed=cfg.seed), progress=progress, probe=False)
-    fresh = [t for t in _truths(data / "instruct.jsonl") if _slide_index(t.slide_id) >= cfg.train_slides]
+    fresh = [t for t in _truths(data / "instruct.jsonl") if slide_index(t.slide_id) >= cfg.train_slides]
     records = out / "records" / "location.jsonl"
     rows = location_records(fresh, cfg, rehearsal)
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = train_stage(_stage("instruct", out / "location", records, data / "features", cfg, out / "instruct", progress,
                              learning_rate=cfg.location_lr))
-    return {"steps": res.global_step, "first_loss": res.losses[0] if res.losses else None,
-            "final_loss": res.losses[-1] if res.losses else None, "samples": res.num_samples,
-            "answers": res.num_answers, "slides": len({r["slide"] for r in rows})}
+    return {**_train_summary(res), "slides": len({r["slide"] for r in rows})}
 
 
 def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | None = None,
@@ -500,9 +501,7 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
         t = time.perf_counter()
         if not (out / stage / "config.json").is_file():
             res = train_stage(_stage(stage, out / stage, records / f"{stage}.jsonl", features, cfg, init, progress))
-            results[stage] = {"steps": res.global_step, "first_loss": res.losses[0] if res.losses else None,
-                              "final_loss": res.losses[-1] if res.losses else None, "samples": res.num_samples,
-                              "answers": res.num_answers}
+            results[stage] = _train_summary(res)
         times[f"{stage}_s"] = time.perf_counter() - t
     model_dir = out / "instruct"
     set_default_system_prompt(model_dir, cfg.system_prompt)

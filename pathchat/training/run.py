@@ -68,7 +68,8 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
         init_from = init_from_folder(m.init_from)
         # A LoRA checkpoint (a finished stage 2, the built-in model) goes on training its own adapter
         # with LoRA on; a full fine-tune starts from its merged weights.
-        lora_init = checkpoint_kind(init_from) == "lora"
+        kind = checkpoint_kind(init_from)
+        lora_init = kind == "lora"
         model, tokenizer = load_pathchat(init_from, attn_implementation=m.attn_implementation,
                                          merge_adapter=lora_init and not cfg.lora.enabled,
                                          adapter_trainable=lora_init and cfg.lora.enabled)
@@ -83,7 +84,7 @@ def build_stage_model(cfg: StageConfig) -> tuple[PathChatForConditionalGeneratio
         if lora_init and cfg.lora.enabled:
             _check_adapter_settings(model, cfg)
         logger.info("loaded %s from %s (%s checkpoint)", "its adapter and connector" if lora_init else "stage-1 connector",
-                    init_from, checkpoint_kind(init_from))
+                    init_from, kind)
         model.train()
         return model, tokenizer
     if cfg.stage == "instruct":
