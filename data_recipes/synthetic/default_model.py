@@ -1,8 +1,7 @@
 """The built-in model's recipe: SmolLM2-135M-Instruct + connector + LoRA, trained on the synthetic slides.
 
 `make default-model` runs it: dataset -> records in many wordings -> stage 1 (connector only, LLM
-frozen) -> stage 2 (connector + LoRA) -> [stage 3: location on fresh slides, `location_slides`, off by
-default] -> held-out scores -> one JSON line. `--ship` then copies the
+frozen) -> stage 2 (connector + LoRA) -> held-out scores -> one JSON line. `--ship` then copies the
 connector, the adapter, the tokenizer and the scores into `pathchat/assets/default_model/` with a
 sha256 manifest (`pathchat.model.builtin`).
 
@@ -34,9 +33,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from data_recipes.synthetic.build import BuildConfig, build_dataset, hard_types, slide_index
+from data_recipes.synthetic.build import BuildConfig, build_dataset, hard_types
 from data_recipes.synthetic.general_chat import GENERAL_EVAL, REHEARSAL_PROMPTS, passes, rehearsal_targets
-from data_recipes.synthetic.layout import AMOUNTS, CLASS_NAMES, QUADRANTS, RECIPE_CLASSES
+from data_recipes.synthetic.layout import AMOUNTS, CLASS_NAMES, QUADRANTS, RECIPE_CLASSES, Geometry
 from data_recipes.synthetic.questions import (
     QUESTION_TYPES,
     LetterBalancer,
@@ -50,6 +49,7 @@ from data_recipes.synthetic.wordings import (
     QUADRANT_WORDINGS,
     REPORT_TEMPLATES,
     TRAIN_WORDINGS,
+    location_answer,
     quadrant_answer,
     training_report,
 )
@@ -59,6 +59,8 @@ __all__ = ["DefaultModelConfig", "main", "parse_report", "run_default_model", "t
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "You are PathChat, an assistant that reads whole-slide images."
+# a location answer that lists four regions first is about 45 SmolLM2 tokens
+CLOSED_EVIDENCE_TOKENS = 64
 CLOSED_TYPES = tuple(k for k, v in QUESTION_TYPES.items() if v.kind == "closed")
 
 
@@ -74,11 +76,13 @@ class DefaultModelConfig:
     system_prompt: str = SYSTEM_PROMPT
     connector: dict[str, Any] = field(default_factory=lambda: {
         "type": "scale_invariant", "grid_size": 2, "num_latents": 0, "hidden_dim": 96, "num_heads": 4,
-        "num_kv_heads": 2, "num_layers": 2, "position_frame": "slide", "local_grid": True, "feature_noise": 0.5})
-    # Tried for location, and left off (held-out location at stage-2 steps 50 / 100 / 150, against 41.7 / 35.4 /
-    # 52.1% for the shipped model): "grid_self_attention": False alone, 41.7 / 45.8 / 43.8%; with location_repeats=3
-    # and quadrant_questions=1, -- / 54.2%; with "per_token_output": True too, 39.6 / 52.1 / 60.4%, and at the end
-    # (279 steps) location 64.6% but report recall 0.862 and general chat 11 of 20 (both under their bars).
+        "num_kv_heads": 2, "num_layers": 2, "position_frame": "slide", "local_grid": True,
+        "grid_self_attention": False, "per_token_output": True, "feature_noise": 0.5})
+    # Each grid token holds its own cell only (no query self-attention) and has its own output projection.
+    # With direct location answers (and 3 more location rounds, `location_repeats`) this connector scored
+    # location 64.6% (60.4% with the previous one) but report recall 0.862 and general chat 11 of 20; with
+    # `location_evidence` (the shipped model) location 100%, recall 0.977, general chat 14. The two connectors
+    # were not compared with evidence answers.
     # The grid tokens in row-major order are the quadrants of the glass; each is rendered after its name
     # (" upper left:" <slide token> ...), so that location can be read from text, not from a token's position.
     # With and without the names (the same schedule) location scored 60.4% on held-out slides; with them,
@@ -105,17 +109,15 @@ class DefaultModelConfig:
     # type that needs the LLM to find one slide token by its content and name its quadrant (see `connector`)
     location_repeats: int = 0
     quadrant_questions: int = 0  # "what is in the <quadrant>?" a round per slide (training only, `QUADRANT_WORDINGS`)
+    # more tissue-amount questions a round on slides whose tile count lies within `AMOUNT_MARGIN` tiles of a
+    # bin edge (<= 9 small, <= 18 medium). Amount is the weakest type (80.0% held-out; every error next to an
+    # edge: medium read as large 5 times, large as medium 4, medium as small 3); 2 more a round (104 of the
+    # 300 slides, 832 records) gave 75.0%, so it stays off
+    amount_repeats: int = 0
     pack_max_records: int = 8
-    # Stage 3, location on slides stage 2 never saw (0: no stage 3). On the 300 training slides, 12 more rounds
-    # of location questions were memorised, not learned (their loss 0.47 -> 0.15, held-out location 64.6%);
-    # a slide seen once can only be answered by the rule. Slides with one region are left out (location is
-    # always right there); each fresh slide gets every location question, `location_others` questions of
-    # the other types (so stage 3 keeps them) and rehearsal as in stage 2. Off: location only on 1,200 fresh
-    # slides gave 66.7% but lost every other type; with 2,400 and the other questions location fell to 29.2%
-    # (lr 2e-3, closed 72.7%) and 56.2% (lr 3e-4, two others a slide, closed 86.0%): data_recipes/synthetic/README.md.
-    location_slides: int = 0
-    location_others: int = 1
-    location_lr: float = 2e-3
+    # location answers list the slide's regions first, then the one asked (`wordings.location_answer`):
+    # held-out location 100% (48 of 48); with direct answers the best full run reached 64.6%
+    location_evidence: bool = True
     rehearsal_per_round: int = 160  # general prompts (base SmolLM2's answers) attached to training slides a round
     # (each of the 80 twice: with 30 once a round, 1.6% of the records, the tuned model answered "pale tissue"
     # to "What color is the sky on a clear day?" and passed 7 general prompts of 20 against base 15)
@@ -165,6 +167,23 @@ def _report_item(truth: SlideTruth, rng: np.random.Generator) -> QAItem:
                   training_report(truth, int(rng.integers(len(REPORT_TEMPLATES)))))
 
 
+AMOUNT_MARGIN = 3
+
+
+def near_amount_edge(truth: SlideTruth) -> bool:
+    """Whether the slide's tile count lies within `AMOUNT_MARGIN` tiles of an amount bin's edge (7-12 or 16-21
+    tiles with the default bins)."""
+    return any(abs(truth.n_tiles - (edge + 0.5)) <= AMOUNT_MARGIN for edge in Geometry().amount_bins)
+
+
+def _turn(item: QAItem, truth: SlideTruth, cfg: DefaultModelConfig) -> tuple[str, str]:
+    """The (user, assistant) texts of one question; with `location_evidence`, location answers list the
+    regions first (`wordings.location_answer`)."""
+    if cfg.location_evidence and item.category in ("location", "location_open") and item.answer in QUADRANTS:
+        return item.user_text(), location_answer(truth, item.answer)
+    return item.user_text(), item.assistant_text()
+
+
 def training_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
                      rehearsal: dict[str, str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Stage-1 and stage-2 conversation records of the training slides, all wordings from `wordings.py`.
@@ -193,16 +212,18 @@ def training_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
             for _ in range(cfg.location_repeats if len(t.regions) > 1 else 0):
                 items += slide_questions(t, rng, balancer, max_per_type=len(QUADRANTS), only=("location",),
                                          wordings=TRAIN_WORDINGS)
+            for _ in range(cfg.amount_repeats if near_amount_edge(t) else 0):
+                items += slide_questions(t, rng, balancer, only=("tissue_amount",), wordings=TRAIN_WORDINGS)
             for _ in range(cfg.quadrant_questions):
                 quadrant = QUADRANTS[int(rng.integers(len(QUADRANTS)))]
                 wording = QUADRANT_WORDINGS[int(rng.integers(len(QUADRANT_WORDINGS)))]
                 items.append(QAItem("location_open", wording.format(quadrant=quadrant), None, None,
                                     quadrant_answer(t, quadrant)))
             items = [items[i] for i in rng.permutation(len(items))]
-            recs = [conversation(t.slide_id, f"{t.slide_id}/r{r}q{j:02d}", [(it.user_text(), it.assistant_text())])
+            recs = [conversation(t.slide_id, f"{t.slide_id}/r{r}q{j:02d}", [_turn(it, t, cfg)])
                     for j, it in enumerate(items)]
             recs.append(conversation(t.slide_id, f"{t.slide_id}/r{r}report", [
-                (it.user_text(), it.assistant_text()) for it in (_report_item(t, rng), items[0])]))
+                _turn(it, t, cfg) for it in (_report_item(t, rng), items[0])]))
             for j in range(cfg.report_records):
                 rep = _report_item(t, rng)
                 recs.append(conversation(t.slide_id, f"{t.slide_id}/r{r}rep{j}", [(rep.user_text(), rep.assistant_text())]))
@@ -213,31 +234,6 @@ def training_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
                 p = prompts[(r * cfg.rehearsal_per_round + j) % len(prompts)]
                 instruct.append(conversation(t.slide_id, f"{t.slide_id}/r{r}chat{j:02d}", [(p, rehearsal[p])]))  # type: ignore[index]
     return {"align": align, "instruct": instruct}
-
-
-def location_records(truths: list[SlideTruth], cfg: DefaultModelConfig,
-                     rehearsal: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Stage-3 records: location on fresh slides with several regions, a few other questions, rehearsal."""
-    rng = np.random.default_rng([cfg.seed, 19])
-    balancer = LetterBalancer(np.random.default_rng([cfg.seed, 20]))
-    records: list[dict[str, Any]] = []
-    kept = [t for t in truths if len(t.regions) > 1]
-    for t in kept:
-        items = slide_questions(t, rng, balancer, max_per_type=len(QUADRANTS), only=("location",),
-                                wordings=TRAIN_WORDINGS)
-        others = [it for it in slide_questions(t, rng, balancer, max_per_type=cfg.max_per_type,
-                                               open_questions=cfg.open_questions, wordings=TRAIN_WORDINGS)
-                  if not it.category.startswith("location")]
-        items += [others[i] for i in rng.permutation(len(others))[: cfg.location_others]]
-        items = [items[i] for i in rng.permutation(len(items))]
-        records += [conversation(t.slide_id, f"{t.slide_id}/loc{j:02d}", [(it.user_text(), it.assistant_text())])
-                    for j, it in enumerate(items)]
-    prompts = sorted(rehearsal or {})
-    for j in range(cfg.rehearsal_per_round if prompts and kept else 0):
-        t = kept[int(rng.integers(len(kept)))]
-        p = prompts[j % len(prompts)]
-        records.append(conversation(t.slide_id, f"{t.slide_id}/locchat{j:02d}", [(p, rehearsal[p])]))  # type: ignore[index]
-    return records
 
 
 def reworded_questions(truths: list[SlideTruth], seed: int) -> list[dict[str, Any]]:
@@ -312,7 +308,7 @@ def score_reports(reports: dict[str, str], truths: dict[str, SlideTruth]) -> dic
 
 
 def _stage(stage: str, out: Path, records: Path, features: Path, cfg: DefaultModelConfig,
-           init_from: Path | None = None, progress: bool = False, learning_rate: float | None = None) -> Any:
+           init_from: Path | None = None, progress: bool = False) -> Any:
     from pathchat.training.config import DataConfig, LoraConfigSpec, ModelConfig, StageConfig, TrainingConfig
 
     align = stage == "align"
@@ -329,7 +325,7 @@ def _stage(stage: str, out: Path, records: Path, features: Path, cfg: DefaultMod
                             target_modules=cfg.lora_targets),
         training=TrainingConfig(
             epochs=cfg.align_epochs if align else cfg.instruct_epochs,
-            learning_rate=learning_rate or (cfg.align_lr if align else cfg.instruct_lr),
+            learning_rate=cfg.align_lr if align else cfg.instruct_lr,
             batch_size=cfg.align_batch_size if align else cfg.instruct_batch_size,
             warmup_ratio=0.05, weight_decay=0.0, seed=cfg.seed,
             precision=cpu_precision() if cfg.precision == "auto" else cfg.precision,  # type: ignore[arg-type]
@@ -383,7 +379,8 @@ def _closed_eval(model_dir: Path, questions: Path, features: Path, out: Path, co
     if out.exists():
         shutil.rmtree(out)
     result = run_eval(EvalConfig(task="synthetic", data=str(questions), out=str(out), model=str(model_dir),
-                                 features=str(features), batch_size=cfg.eval_batch_size, max_new_tokens=8,
+                                 features=str(features), batch_size=cfg.eval_batch_size,
+                                 max_new_tokens=CLOSED_EVIDENCE_TOKENS if cfg.location_evidence else 8,
                                  consistency_repeats=0, controls=controls, seed=cfg.seed, device="cpu",
                                  progress=progress))
     conds = result.results["conditions"]
@@ -435,23 +432,20 @@ def _train_summary(res: Any) -> dict[str, Any]:
             "answers": res.num_answers}
 
 
-def _location_stage(out: Path, cfg: DefaultModelConfig, rehearsal: dict[str, str], progress: bool) -> dict[str, Any]:
-    """Stage 3 (`location_slides`): a larger build of the same dataset (slide i is the same slide in both),
-    whose training slides past the first `train_slides` stage 1 and 2 never saw."""
-    from pathchat.training.run import train_stage
+def check_reused_stage(folder: Path, cfg: DefaultModelConfig) -> None:
+    """A finished stage in `out` is reused only when its connector is the one `cfg` asks for.
 
-    if (out / "location" / "config.json").is_file():
-        return {}
-    data = out / "data_location"
-    build_dataset(data, BuildConfig(train=cfg.train_slides + cfg.location_slides, heldout=cfg.heldout_slides,
-                                    seed=cfg.seed), progress=progress, probe=False)
-    fresh = [t for t in _truths(data / "instruct.jsonl") if slide_index(t.slide_id) >= cfg.train_slides]
-    records = out / "records" / "location.jsonl"
-    rows = location_records(fresh, cfg, rehearsal)
-    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = train_stage(_stage("instruct", out / "location", records, data / "features", cfg, out / "instruct", progress,
-                             learning_rate=cfg.location_lr))
-    return {**_train_summary(res), "slides": len({r["slide"] for r in rows})}
+    Stage 2 starts from stage 1's checkpoint and inherits its connector, so a stage 1 left by another
+    config would silently train (and score) a model the summary does not describe.
+    """
+    saved = folder / "config.json"
+    if not saved.is_file():
+        return
+    connector = json.loads(saved.read_text()).get("connector", {})
+    differ = {k: (connector.get(k), v) for k, v in cfg.connector.items() if connector.get(k) != v}
+    if differ:
+        raise ValueError(f"{folder}: a finished stage with another connector (saved, asked: {differ}); "
+                         "remove the folder or use another --out")
 
 
 def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | None = None,
@@ -499,18 +493,13 @@ def run_default_model(out: str | os.PathLike[str], cfg: DefaultModelConfig | Non
     results: dict[str, Any] = {}
     for stage, init in (("align", None), ("instruct", out / "align")):
         t = time.perf_counter()
+        check_reused_stage(out / stage, cfg)
         if not (out / stage / "config.json").is_file():
             res = train_stage(_stage(stage, out / stage, records / f"{stage}.jsonl", features, cfg, init, progress))
             results[stage] = _train_summary(res)
         times[f"{stage}_s"] = time.perf_counter() - t
     model_dir = out / "instruct"
     set_default_system_prompt(model_dir, cfg.system_prompt)
-    if cfg.location_slides:
-        t = time.perf_counter()
-        results["location"] = _location_stage(out, cfg, rehearsal, progress)
-        model_dir = out / "location"
-        set_default_system_prompt(model_dir, cfg.system_prompt)
-        times["location_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     scores: dict[str, Any] = {"heldout": _closed_eval(model_dir, records / "heldout_closed.jsonl", features,

@@ -8,12 +8,12 @@ occurs in the training conversations).
 
 from __future__ import annotations
 
-from data_recipes.synthetic.layout import CLASS_NAMES
+from data_recipes.synthetic.layout import CLASS_NAMES, QUADRANTS
 from data_recipes.synthetic.questions import QUESTION_TYPES, join_names
 from data_recipes.synthetic.truth import SlideTruth
 
-__all__ = ["QUADRANT_WORDINGS", "REPORT_TEMPLATES", "TRAIN_WORDINGS", "NUMBER_WORDS", "quadrant_answer",
-           "training_report"]
+__all__ = ["QUADRANT_WORDINGS", "REPORT_TEMPLATES", "TRAIN_WORDINGS", "NUMBER_WORDS", "location_answer",
+           "quadrant_answer", "training_report"]
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
 
@@ -126,8 +126,28 @@ def quadrant_answer(truth: SlideTruth, quadrant: str) -> str:
     return join_names(names) if names else "no tissue"
 
 
-def _regions(truth: SlideTruth) -> str:
-    return join_names([f"{CLASS_NAMES[r.tissue_class]} in the {r.quadrant}" for r in truth.regions])
+def _regions(truth: SlideTruth, quadrant_order: bool = False) -> str:
+    regions = sorted(truth.regions, key=lambda r: QUADRANTS.index(r.quadrant)) if quadrant_order else truth.regions
+    return join_names([f"{CLASS_NAMES[r.tissue_class]} in the {r.quadrant}" for r in regions])
+
+
+def location_answer(truth: SlideTruth, quadrant: str) -> str:
+    """A location answer that lists the regions first, then names the one asked about (in `quadrant`).
+
+    SmolLM2 lists a slide's regions in quadrant order from its slide tokens (its reports place 87% of
+    the classes right on slides with several regions), but asked where one class lies it picks a quadrant
+    by the slide, not by the class. Listed first (in reading order, the order of the slide tokens), the
+    answer is a copy of the list's own words:
+    "Two separate regions: tumor in the upper left and stroma in the lower right. Answer: stroma in the
+    lower right."
+    """
+    asked = [r.tissue_class for r in truth.regions if r.quadrant == quadrant]
+    if len(asked) != 1 or truth.unique_location(asked[0]) != quadrant:
+        raise ValueError(f"{truth.slide_id}: the {quadrant} holds no class found only there")
+    n = truth.region_count
+    regions = _regions(truth, quadrant_order=True)
+    return (f"{NUMBER_WORDS[n].capitalize()} separate region{'s' if n > 1 else ''}: {regions}. "
+            f"Answer: {CLASS_NAMES[asked[0]]} in the {quadrant}.")
 
 
 #: Report phrasings. Every one states the region count beside the list of regions (so a count that

@@ -6,6 +6,7 @@ different letters fails (ambiguous) instead of guessing:
 
 1. the whole reply is one letter (``B``, ``(B)``, ``**B**``, ``b.``);
 2. an explicit answer cue: ``Answer: B``, ``the answer is (B)``, ``correct option is B``, ``B is correct``;
+   else the one option text named after such a cue (``Answer: stroma in the lower right``);
 3. an option cue: ``option B``, ``choice B``, ``I choose B``;
 4. letter labels: ``B) …`` / ``B. …`` at the start, ``(B)`` or ``B)`` anywhere;
 5. the option text: normalised equality, else the one option whose text occurs in the reply
@@ -219,6 +220,23 @@ def _text_letter(text: str, options: Sequence[str]) -> str | None:
     return None
 
 
+def _cued_text_letters(text: str, options: Sequence[str]) -> list[str]:
+    """``Answer: stroma in the lower right``: the one option named between an answer cue and the line's end.
+
+    A reply that reasons first names several options before its answer; the cue says which one it chose.
+    """
+    cues = [m for m in re.finditer(rf"(?:{_ANSWER_CUE})\s*(?::|\bis\b)", text, re.IGNORECASE)
+            if not _negated(text, m.start())]
+    ends = [c.start() for c in cues[1:]] + [len(text)]
+    out = []
+    for m, end in zip(cues, ends[:len(cues)], strict=True):
+        segment = text[m.end():end].split("\n", 1)[0]
+        letter = _text_letter(segment, options)
+        if letter:
+            out.append(letter)
+    return out
+
+
 def parse_closed_answer(text: str, options: Sequence[str]) -> ParsedAnswer:
     """Which option a free-text reply chose, by the fixed tiers in the module docstring.
 
@@ -242,6 +260,8 @@ def parse_closed_answer(text: str, options: Sequence[str]) -> ParsedAnswer:
     if whole and _valid(whole.group(1), n):
         return done(ParsedAnswer(_valid(whole.group(1), n), "letter"))
     answer_cued = _cue_letters(clean, _ANSWER_CUE, n) + _reverse_cue_letters(clean, n)
+    if not answer_cued:
+        answer_cued = _cued_text_letters(clean, options)
     for method, letters in (("answer-cue", answer_cued),
                             ("option-cue", _cue_letters(clean, _OPTION_CUE, n)),
                             ("label", _label_letters(clean, n))):

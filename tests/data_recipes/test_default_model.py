@@ -4,6 +4,7 @@ report scorer, and the general-chat prompts (no training here; the scores are in
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from data_recipes.synthetic.default_model import (
+    CLOSED_EVIDENCE_TOKENS,
     DefaultModelConfig,
-    location_records,
+    check_reused_stage,
+    near_amount_edge,
     parse_report,
     reworded_questions,
     score_reports,
@@ -34,6 +37,7 @@ from data_recipes.synthetic.wordings import (
     QUADRANT_WORDINGS,
     REPORT_TEMPLATES,
     TRAIN_WORDINGS,
+    location_answer,
     training_report,
 )
 
@@ -179,21 +183,23 @@ def test_slide_token_labels_name_the_quadrant_each_grid_token_reads():
     assert cfg.slide_token_labels == [f" {q}:" for q in QUADRANTS]
 
 
+def _closed_answers_in(truths: list[SlideTruth], cfg: DefaultModelConfig, answers: tuple[str, ...]) -> dict[str, int]:
+    """Per slide, the closed questions of stage 2 answered by one of `answers` (open questions are drawn at
+    random, and the report dialogue's follow-up is left out)."""
+    counts = dict.fromkeys((t.slide_id for t in truths), 0)
+    for r in training_records(truths, cfg)["instruct"]:
+        turns = r["conversations"]
+        if "report" not in r["id"] and "\nA) " in turns[0]["value"]:
+            counts[r["slide"]] += turns[1]["value"] in answers
+    return counts
+
+
 def test_location_repeats_ask_every_located_class_again_where_there_are_several_regions():
     truths = _truths(40)
-    base = DefaultModelConfig(instruct_rounds=1, rehearsal_per_round=0)
-    more = DefaultModelConfig(instruct_rounds=1, rehearsal_per_round=0, location_repeats=2)
+    base = DefaultModelConfig(instruct_rounds=1, rehearsal_per_round=0, location_evidence=False)  # bare quadrants
+    more = DefaultModelConfig(instruct_rounds=1, rehearsal_per_round=0, location_evidence=False, location_repeats=2)
 
-    def location_answers(cfg: DefaultModelConfig) -> dict[str, int]:
-        counts = dict.fromkeys((t.slide_id for t in truths), 0)
-        for r in training_records(truths, cfg)["instruct"]:
-            turns = r["conversations"]
-            # closed questions only (the open ones are drawn at random), and not the report dialogue's follow-up
-            if "report" not in r["id"] and "\nA) " in turns[0]["value"]:
-                counts[r["slide"]] += turns[1]["value"] in QUADRANTS
-        return counts
-
-    before, after = location_answers(base), location_answers(more)
+    before, after = _closed_answers_in(truths, base, QUADRANTS), _closed_answers_in(truths, more, QUADRANTS)
     for t in truths:
         located = sum(t.unique_location(c) is not None for c in t.present)
         assert after[t.slide_id] - before[t.slide_id] == (2 * located if len(t.regions) > 1 else 0), t
@@ -217,30 +223,81 @@ def test_quadrant_questions_name_what_lies_in_the_quadrant():
     assert asked >= 2 * len(truths)  # one a round per slide (and some as the report dialogue's follow-up)
 
 
-def test_location_records_ask_every_located_class_of_slides_with_several_regions():
-    """Stage 3: slides with one region are left out; every class in exactly one region is asked once
-    (closed, the quadrant as answer), plus `location_others` questions of other types; rehearsal as asked."""
-    truths = _truths(60)
-    rehearsal = {f"general prompt {i}?": f"answer {i}." for i in range(5)}
-    cfg = DefaultModelConfig(location_others=2, rehearsal_per_round=7)
-    rows = location_records(truths, cfg, rehearsal)
-    assert rows == location_records(truths, cfg, rehearsal)  # deterministic in the seed
-    by_id = {t.slide_id: t for t in truths}
-    several = {t.slide_id for t in truths if len(t.regions) > 1}
-    assert {r["slide"] for r in rows} == several and len(several) < len(truths)
-    def user(r):
-        return r["conversations"][0]["value"].removeprefix("<slide>\n")
+def test_location_answer_lists_the_regions_in_reading_order_then_names_the_one_asked():
+    t = SlideTruth("s", 30, (RegionTruth("stroma", "lower right", 8), RegionTruth("tumor", "upper left", 12),
+                             RegionTruth("tumor", "upper right", 10)), {"tumor": 22, "stroma": 8}, "tumor", "large",
+                   (), True)
+    assert location_answer(t, "lower right") == (
+        "Three separate regions: tumor in the upper left, tumor in the upper right and stroma in the lower right. "
+        "Answer: stroma in the lower right.")
+    for quadrant in ("upper left", "lower left"):  # tumor lies in two quadrants; the lower left is empty
+        with pytest.raises(ValueError, match=f"the {quadrant} holds no class found only there"):
+            location_answer(t, quadrant)
 
-    chats = [r for r in rows if user(r) in rehearsal]
-    assert len(chats) == 7 and all(r["conversations"][1]["value"] == rehearsal[user(r)] for r in chats)
-    for sid in several:
-        t = by_id[sid]
-        asked = [r["conversations"] for r in rows if r["slide"] == sid and r not in chats]
-        located = {CLASS_NAMES[c]: t.unique_location(c) for c in t.present if t.unique_location(c)}
-        where = [(turns[0]["value"].removeprefix("<slide>\n"), turns[1]["value"]) for turns in asked
-                 if turns[1]["value"] in QUADRANTS]
-        assert len(where) == len(located), sid
-        for question, answer in where:
-            named = [n for n in located if n in question.split("\n")[0]]
-            assert len(named) == 1 and located[named[0]] == answer, (question, answer)
-        assert len(asked) - len(where) == 2, sid
+
+def test_location_evidence_answers_every_location_question_with_the_regions_first():
+    """With `location_evidence`, each location question (closed and open) is answered by the slide's
+    regions and then the asked class's quadrant, and the closed parser reads that answer's option; no
+    other question's answer changes. Every answer fits the scorer's generation cap."""
+    from transformers import AutoTokenizer
+
+    from pathchat.evaluation.answers import parse_closed_answer
+    from pathchat.model.builtin import builtin_model_dir
+
+    truths = _truths(40)
+    by_id = {t.slide_id: t for t in truths}
+
+    def records(evidence: bool) -> list[dict]:
+        cfg = DefaultModelConfig(instruct_rounds=1, rehearsal_per_round=0, location_evidence=evidence)
+        return training_records(truths, cfg)["instruct"]
+
+    plain, evidence = records(False), records(True)
+    assert [r["id"] for r in plain] == [r["id"] for r in evidence]
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
+    changed = closed = 0
+    for a, b in zip(plain, evidence, strict=True):
+        assert len(a["conversations"]) == len(b["conversations"])
+        for qa, aa, qb, ab in zip(a["conversations"][::2], a["conversations"][1::2],
+                                  b["conversations"][::2], b["conversations"][1::2], strict=True):
+            assert qa == qb
+            if aa["value"] not in QUADRANTS:
+                assert ab == aa
+                continue
+            changed += 1
+            t = by_id[a["slide"]]
+            assert ab["value"] == location_answer(t, aa["value"])
+            assert ab["value"].endswith(f" in the {aa['value']}.")
+            assert len(tokenizer(ab["value"]).input_ids) < CLOSED_EVIDENCE_TOKENS
+            lines = qa["value"].split("\n")
+            if len(lines) > 2 and lines[2].startswith("A) "):
+                options = [line[3:] for line in lines[2:] if line[:1] in "ABCD" and line[1:3] == ") "]
+                parsed = parse_closed_answer(ab["value"], options)
+                assert options[ord(parsed.letter) - ord("A")] == aa["value"], (qa, ab)
+                closed += 1
+    assert changed >= len([t for t in truths if len(t.regions) > 1]) and 0 < closed < changed  # open ones too
+
+
+def test_amount_repeats_ask_the_amount_again_only_where_the_tile_count_is_near_a_bin_edge():
+    truths = [dataclasses.replace(t, n_tiles=(4, 8, 14, 17, 25)[i % 5]) for i, t in enumerate(_truths(60))]
+    assert sum(near_amount_edge(t) for t in truths) == 24
+    assert [near_amount_edge(dataclasses.replace(truths[0], n_tiles=n)) for n in (6, 7, 12, 13, 15, 16, 21, 22)] == [
+        False, True, True, False, False, True, True, False]  # 7-12 and 16-21 tiles: the edges after 9 and 18
+
+    before = _closed_answers_in(truths, DefaultModelConfig(instruct_rounds=2, rehearsal_per_round=0), AMOUNTS)
+    after = _closed_answers_in(truths, DefaultModelConfig(instruct_rounds=2, rehearsal_per_round=0, amount_repeats=3),
+                               AMOUNTS)
+    for t in truths:
+        assert after[t.slide_id] - before[t.slide_id] == (6 if near_amount_edge(t) else 0), t
+
+
+def test_a_finished_stage_with_another_connector_is_not_reused(tmp_path):
+    """Stage 2 inherits stage 1's connector: a stage 1 left in --out by another config is an error."""
+    cfg = DefaultModelConfig()
+    check_reused_stage(tmp_path / "align", cfg)  # nothing there: trained
+    (tmp_path / "align").mkdir()
+    saved = {**cfg.connector, "max_wavelength_um": 32000.0}  # a saved config also lists the defaults
+    (tmp_path / "align" / "config.json").write_text(json.dumps({"connector": saved}))
+    check_reused_stage(tmp_path / "align", cfg)
+    (tmp_path / "align" / "config.json").write_text(json.dumps({"connector": {**saved, "per_token_output": False}}))
+    with pytest.raises(ValueError, match=r"align: a finished stage with another connector .*'per_token_output': \(False, True\)"):
+        check_reused_stage(tmp_path / "align", cfg)

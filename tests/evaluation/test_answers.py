@@ -10,6 +10,7 @@ LUNG = ["Squamous cell carcinoma", "Small cell lung carcinoma", "Papillary adeno
 NESTED = ["carcinoma", "invasive carcinoma", "carcinoma in situ", "benign"]
 GRADE = ["grade 1", "grade 2", "grade 3", "grade 4"]
 YESNO = ["yes", "no", "cannot be determined", "not applicable"]
+QUADRANT = ["lower right", "upper left", "lower left", "upper right"]
 
 # (reply, options, expected letter or FAILED, expected method)
 CASES = [
@@ -32,6 +33,12 @@ CASES = [
     ("Answer:\n\nD) Alveolar adenoma", LUNG, "D", "answer-cue"),
     ("B is correct because squamous cell carcinoma is excluded.", LUNG, "B", "answer-cue"),
     ("Option A is wrong; (D) is the correct answer.", LUNG, "D", "answer-cue"),
+    # Reasoning that names several options first, then the one after the cue.
+    ("Two separate regions: tumor in the upper left and stroma in the lower right. Answer: stroma in the lower right.",
+     QUADRANT, "A", "answer-cue"),
+    ("Small cells and squamous nests are absent. The answer is papillary adenocarcinoma.", LUNG, "C", "answer-cue"),
+    ("Upper left has tumor, lower left has stroma.\nAnswer: lower left\nupper right is empty", QUADRANT, "C",
+     "answer-cue"),
     ("(B) Small cell lung carcinoma is the answer, not (A).", LUNG, "B", "label"),
     ("Option C", LUNG, "C", "option-cue"),
     ("I would choose B.", LUNG, "B", "option-cue"),
@@ -63,6 +70,8 @@ CASES = [
     ("Either A or C could be correct.", LUNG, FAILED, "failed"),
     ("The answer is A or B", LUNG, FAILED, "failed"),
     ("Answer: A. Answer: C.", LUNG, FAILED, "failed"),
+    ("Answer: upper left. Answer: lower left.", QUADRANT, FAILED, "failed"),
+    ("Tumor in the upper left and stroma in the lower right.", QUADRANT, FAILED, "failed"),
     ("I cannot determine the answer from the image.", LUNG, FAILED, "failed"),
     ("", LUNG, FAILED, "failed"),
     ("The slide shows a malignant tumour.", LUNG, FAILED, "failed"),
