@@ -134,9 +134,9 @@ def _regions(truth: SlideTruth, quadrant_order: bool = False) -> str:
 def location_answer(truth: SlideTruth, quadrant: str) -> str:
     """A location answer that lists the regions first, then names the one asked about (in `quadrant`).
 
-    SmolLM2 lists a slide's regions in quadrant order from its slide tokens (its reports place 87% of
-    the classes right on slides with several regions), but asked where one class lies it picks a quadrant
-    by the slide, not by the class. Listed first (in reading order, the order of the slide tokens), the
+    Tuned SmolLM2 lists a slide's regions from its slide tokens (the reports of a model tuned with direct
+    location answers placed 87% of the classes right on slides with several regions), but asked where
+    one class lies, that model picked a quadrant by the slide, not by the class. Listed first (in reading order, the order of the slide tokens), the
     answer is a copy of the list's own words:
     "Two separate regions: tumor in the upper left and stroma in the lower right. Answer: stroma in the
     lower right."
