@@ -179,6 +179,7 @@ def near_amount_edge(truth: SlideTruth) -> bool:
 def _turn(item: QAItem, truth: SlideTruth, cfg: DefaultModelConfig) -> tuple[str, str]:
     """The (user, assistant) texts of one question; with `location_evidence`, location answers list the
     regions first (`wordings.location_answer`)."""
+    # a quadrant as the answer: "where is <class>?" (not the training-only "what is in <quadrant>?")
     if cfg.location_evidence and item.category in ("location", "location_open") and item.answer in QUADRANTS:
         return item.user_text(), location_answer(truth, item.answer)
     return item.user_text(), item.assistant_text()

@@ -136,8 +136,8 @@ def location_answer(truth: SlideTruth, quadrant: str) -> str:
 
     Tuned SmolLM2 lists a slide's regions from its slide tokens (the reports of a model tuned with direct
     location answers placed 87% of the classes right on slides with several regions), but asked where
-    one class lies, that model picked a quadrant by the slide, not by the class. Listed first (in reading order, the order of the slide tokens), the
-    answer is a copy of the list's own words:
+    one class lies, that model picked a quadrant by the slide, not by the class. With the regions listed
+    first (in reading order, the order of the slide tokens), the answer is a copy of the list's own words:
     "Two separate regions: tumor in the upper left and stroma in the lower right. Answer: stroma in the
     lower right."
     """

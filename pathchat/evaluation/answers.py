@@ -227,9 +227,9 @@ def _cued_text_letters(text: str, options: Sequence[str]) -> list[str]:
     """
     cues = [m for m in re.finditer(rf"(?:{_ANSWER_CUE})\s*(?::|\bis\b)", text, re.IGNORECASE)
             if not _negated(text, m.start())]
-    ends = [c.start() for c in cues[1:]] + [len(text)]
     out = []
-    for m, end in zip(cues, ends[:len(cues)], strict=True):
+    for i, m in enumerate(cues):
+        end = cues[i + 1].start() if i + 1 < len(cues) else len(text)  # a segment stops at the next cue
         segment = text[m.end():end].split("\n", 1)[0]
         letter = _text_letter(segment, options)
         if letter:
