@@ -427,6 +427,35 @@ def test_grid_tokens_without_self_attention_hold_only_their_own_cell():
     assert moved[True][[0, 2, 3]].min() > 1e-3  # mixed through the query self-attention
 
 
+def test_grid_total_count_gives_isolated_grid_tokens_the_slides_tile_count():
+    size = torch.tensor([[4096.0, 4096.0]])
+    gen = torch.Generator().manual_seed(3)
+    upper_left = (_piece_at(256, 256), torch.randn(1, 9, D_ENC, generator=gen))
+    # other tissue: 9 tiles upper right, the same 9 tiles in the lower right, or 18 tiles upper right
+    others = {"9 upper right": _piece_at(3072, 256), "9 lower right": _piece_at(3072, 3072),
+              "18 upper right": torch.cat([_piece_at(2304, 256), _piece_at(3072, 256)], dim=1)}
+    other_feats = torch.randn(1, 18, D_ENC, generator=gen)
+    for total_count in (False, True):
+        torch.manual_seed(0)
+        config = ScaleInvariantConfig(grid_size=2, num_latents=0, hidden_dim=32, num_heads=4, num_kv_heads=2,
+                                      num_frequencies=8, position_frame="slide", local_grid=True,
+                                      grid_self_attention=False, per_token_output=True,
+                                      grid_total_count=total_count)
+        conn = build_connector(config, D_ENC, D_LLM).eval()
+        assert conn.count_out.in_features == (2 if total_count else 1)
+        first = {}
+        with torch.no_grad():
+            for name, coords in others.items():
+                feats = torch.cat([upper_left[1], other_feats[:, : coords.shape[1]]], dim=1)
+                first[name] = conn(feats, torch.cat([upper_left[0], coords], dim=1), None,
+                                   slide_size_um=size).tokens[0, 0]  # the upper-left token
+        # where the other tissue lies never reaches the upper-left token; how much of it there is does
+        # only with the total count
+        torch.testing.assert_close(first["9 upper right"], first["9 lower right"], atol=1e-5, rtol=0)
+        moved = (first["9 upper right"] - first["18 upper right"]).abs().max()
+        assert (moved > 1e-2) if total_count else (moved < 1e-5)
+
+
 def test_per_token_output_projects_each_token_with_its_own_matrix():
     torch.manual_seed(0)
     config = ScaleInvariantConfig(grid_size=2, num_latents=0, hidden_dim=32, num_heads=4, num_kv_heads=2,

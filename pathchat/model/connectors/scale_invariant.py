@@ -68,6 +68,10 @@ class ScaleInvariantConfig(ConnectorConfig):
             one) still says which cell held what, where with a shared projection it only says which
             classes and which cells. (There, with grid_self_attention off and more location questions: location
             64.6% against 60.4%, one run each.)
+        grid_total_count: grid tokens also carry the slide's total tile count (log), as the latents do.
+            Without latents and with `grid_self_attention` off, no token holds the total: the LLM has to
+            add the cells' log counts to tell how much tissue there is, and on the built-in recipe it
+            misread the amount next to the bin edges (data_recipes/synthetic/README.md).
     """
 
     type: str = "scale_invariant"
@@ -86,6 +90,7 @@ class ScaleInvariantConfig(ConnectorConfig):
     local_grid: bool = False
     grid_self_attention: bool = True
     per_token_output: bool = False
+    grid_total_count: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,8 +130,9 @@ class ScaleInvariantConnector(Connector):
         # Averages forget how much tissue there is; log tile counts (per cell for the grid tokens, of
         # the slide for the latents) put extent back: into the queries, and again into the output
         # tokens, where attention has not diluted them.
-        self.count_proj = nn.Linear(1, d)
-        self.count_out = nn.Linear(1, d)
+        num_counts = 2 if config.grid_total_count else 1  # (own count, slide total) per token
+        self.count_proj = nn.Linear(num_counts, d)
+        self.count_out = nn.Linear(num_counts, d)
         self.transformer = QueryTransformer(d, config.num_heads, config.num_layers, config.ffn_ratio,
                                             num_kv_heads=config.num_kv_heads)
         # Which token is which (grid cell r, c or latent j), added after the cross-attention: attention
@@ -158,6 +164,8 @@ class ScaleInvariantConnector(Connector):
         log_counts = torch.log1p(counts.to(content.dtype))[..., None]  # [b, g*g, 1]
         total = torch.log1p(tile_mask.sum(dim=1, keepdim=True).to(content.dtype))[..., None]  # [b, 1, 1]
         token_counts = torch.cat([log_counts, total.expand(-1, self.config.num_latents, -1)], dim=1)  # [b, k, 1]
+        if self.config.grid_total_count:
+            token_counts = torch.cat([token_counts, total.expand(-1, self.config.num_tokens, -1)], dim=-1)
         queries = torch.cat([grid_queries, self.latents.expand(b, -1, -1)], dim=1) + self.count_proj(token_counts)
 
         cross_mask, gate = tile_mask, None
