@@ -70,8 +70,8 @@ class ScaleInvariantConfig(ConnectorConfig):
             64.6% against 60.4%, one run each.)
         grid_total_count: grid tokens also carry the slide's total tile count (log), as the latents do.
             Without latents and with `grid_self_attention` off, no token holds the total: the LLM has to
-            add the cells' log counts to tell how much tissue there is, and on the built-in recipe it
-            misread the amount next to the bin edges (data_recipes/synthetic/README.md).
+            add the cells' log counts to tell how much tissue there is. On the built-in recipe it
+            named the amount by the number of occupied cells instead (data_recipes/synthetic/README.md).
     """
 
     type: str = "scale_invariant"
@@ -127,8 +127,8 @@ class ScaleInvariantConnector(Connector):
         self.cell_embedding = nn.Parameter(torch.randn(config.grid_size**2, d) * 0.02)
         self.empty_cell = nn.Parameter(torch.zeros(d))
         self.latents = nn.Parameter(torch.randn(config.num_latents, d) * 0.02)
-        # Averages forget how much tissue there is; log tile counts (per cell for the grid tokens, of
-        # the slide for the latents) put extent back: into the queries, and again into the output
+        # Averages forget how much tissue there is; log tile counts (per cell for the grid tokens, plus
+        # the slide's with `grid_total_count`; the slide's for the latents) put extent back: into the queries, and again into the output
         # tokens, where attention has not diluted them.
         num_counts = 2 if config.grid_total_count else 1  # (own count, slide total) per token
         self.count_proj = nn.Linear(num_counts, d)
